@@ -1,0 +1,31 @@
+"""The interface every anomaly model shares, so the detector treats them all alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SpectrogramModel(nn.Module):
+    """A model that learns normal spectrograms and reports where a new one deviates.
+
+    Subclasses set ``encoder`` and ``decoder`` (usable apart) and ``hparams`` (constructor
+    arguments, saved so the model can be rebuilt), and override :meth:`make_examples` when
+    they do not reconstruct the whole spectrogram.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+    hparams: dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and targets for a batch of spectrograms ``(B, C, M, F)``."""
+        return spec, spec
+
+    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
+        """Squared error per (mel, frame) cell, ``(B, M', F')``, averaged over channels."""
+        inputs, targets = self.make_examples(spec)
+        return ((self(inputs).float() - targets.float()) ** 2).mean(dim=1)

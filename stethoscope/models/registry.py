@@ -1,0 +1,65 @@
+"""Names → model builders, with each model's default features and training settings.
+
+A new model registers itself with :func:`register`; the detector, the CLI and the
+benchmarks find it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about one model name."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    features: dict = field(default_factory=dict)  # FeatureConfig overrides
+    training: dict = field(default_factory=dict)  # TrainConfig overrides
+    kind: str = "anomaly"  # "anomaly" (spectrogram models) or "lab" (MNIST networks)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(name: str, *, description: str, features: dict | None = None,
+             training: dict | None = None, kind: str = "anomaly"):
+    """Decorator: register ``builder(input_shape, **hparams) -> nn.Module`` under ``name``."""
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = ModelInfo(name, builder, description, dict(features or {}),
+                                    dict(training or {}), kind)
+        return builder
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in model.
+    import stethoscope.models  # noqa: F401
+
+
+def info(name: str) -> ModelInfo:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        known = ", ".join(names())
+        raise ValueError(f"unknown model {name!r}; choose one of: {known}")
+    return _REGISTRY[name]
+
+
+def names(kind: str | None = "anomaly") -> list[str]:
+    """Registered names, of one kind (default the anomaly models) or all when kind is None."""
+    _ensure_loaded()
+    return sorted(n for n, i in _REGISTRY.items() if kind is None or i.kind == kind)
+
+
+def build(name: str, input_shape: tuple[int, ...], **hparams) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (one example, no batch axis)."""
+    return info(name).builder(tuple(input_shape), **hparams)
