@@ -21,6 +21,17 @@ class SpectrogramModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
+    def before_training(self, specs) -> None:
+        """Fit input statistics (e.g. per-mel mean/std) on the normal training spectrograms.
+
+        ``specs`` is an array-like ``(N, C, M, F)`` (possibly a memmap). Store results as
+        buffers so they are saved with the weights. Default: nothing.
+        """
+
+    def after_training(self, specs) -> None:
+        """Fit scoring statistics (error standardisation, Mahalanobis, k-NN bank) on the
+        normal training spectrograms once the weights are trained. Default: nothing."""
+
     def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training inputs and targets for a batch of spectrograms ``(B, C, M, F)``."""
         return spec, spec

@@ -21,6 +21,7 @@ class ModelInfo:
     description: str
     features: dict = field(default_factory=dict)  # FeatureConfig overrides
     training: dict = field(default_factory=dict)  # TrainConfig overrides
+    scoring: dict = field(default_factory=dict)  # e.g. {"pooling": "mean"}
     kind: str = "anomaly"  # "anomaly" (spectrogram models) or "lab" (MNIST networks)
 
 
@@ -28,14 +29,15 @@ _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register(name: str, *, description: str, features: dict | None = None,
-             training: dict | None = None, kind: str = "anomaly"):
+             training: dict | None = None, scoring: dict | None = None,
+             kind: str = "anomaly"):
     """Decorator: register ``builder(input_shape, **hparams) -> nn.Module`` under ``name``."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = ModelInfo(name, builder, description, dict(features or {}),
-                                    dict(training or {}), kind)
+                                    dict(training or {}), dict(scoring or {}), kind)
         return builder
 
     return decorate

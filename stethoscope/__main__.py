@@ -1,0 +1,3 @@
+from stethoscope.cli import main
+
+raise SystemExit(main())

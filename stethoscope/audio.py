@@ -1,0 +1,223 @@
+"""Read WAV files as float32 ``(C, n)`` arrays, with channel choice, resampling and checks.
+
+soundfile (libsndfile) does the decoding, so 16/24/32-bit integer, float and
+WAVE_FORMAT_EXTENSIBLE files all load. Every unusable file gets a one-line
+:class:`~stethoscope.errors.AudioError` naming the file and the problem, rather than a
+traceback or, worse, a silently wrong result (truncated or silent recordings).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+
+from stethoscope.errors import AudioError
+
+ChannelSpec = int | Literal["mean", "all"]
+
+SILENCE_LEVEL = 1e-7  # below the smallest non-zero 24-bit sample (1.2e-7): digital silence
+_FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the header of an audio file says, without reading the samples."""
+
+    path: Path
+    sample_rate: int
+    channels: int
+    frames: int
+    duration: float
+    subtype: str
+    format: str
+
+
+def parse_channels(spec: ChannelSpec | str) -> ChannelSpec:
+    """Normalise a channel choice: an index (``3`` or ``"3"``), ``"mean"`` or ``"all"``."""
+    if isinstance(spec, bool):
+        raise ValueError(f"channel choice must be an index, 'mean' or 'all', not {spec!r}")
+    if isinstance(spec, int | np.integer):
+        if spec < 0:
+            raise ValueError(f"channel index must be 0 or more, not {spec}")
+        return int(spec)
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("mean", "all"):
+            return text  # type: ignore[return-value]
+        if text.isdigit():
+            return int(text)
+    raise ValueError(f"channel choice must be an index (0, 1, ...), 'mean' or 'all', "
+                     f"not {spec!r}")
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    """Sample rate, channels, frames, duration and subtype of an audio file (header only).
+
+    Raises AudioError for a missing, unreadable or truncated file.
+    """
+    path = Path(path)
+    info = _soundfile_info(path)
+    _check_not_truncated(path, info)
+    return AudioInfo(path=path, sample_rate=int(info.samplerate), channels=int(info.channels),
+                     frames=int(info.frames), duration=float(info.duration),
+                     subtype=str(info.subtype), format=str(info.format))
+
+
+def read_wav(path: str | Path, *, channels: ChannelSpec = 0, sample_rate: int | None = None,
+             resample: bool = False) -> tuple[np.ndarray, int]:
+    """Read a WAV file as float32 ``(C, n)`` in [-1, 1] and its sample rate.
+
+    ``channels``: an index (default 0, as the MIMII and DCASE baselines do), ``"mean"``
+    (average of all channels) or ``"all"`` (keep every channel); ``C`` is 1 unless "all".
+    ``sample_rate``: the rate the caller needs; a file at another rate is an error unless
+    ``resample=True``, which converts it (polyphase filter, scipy.signal.resample_poly).
+    """
+    path = Path(path)
+    channels = parse_channels(channels)
+    info = audio_info(path)
+    _check_channel_exists(path, info.channels, channels)
+    _check_sample_rate(path, info.sample_rate, sample_rate, resample)
+    data = _read_samples(path, info)
+    if info.subtype in _FLOAT_SUBTYPES and not np.isfinite(data).all():
+        raise AudioError("contains NaN or infinite samples; the recording is corrupt", path)
+    wave = _select_channels(data, channels)
+    _check_not_silent(path, wave, channels, info.channels)
+    rate = info.sample_rate
+    if sample_rate is not None and sample_rate != rate:
+        wave, rate = resample_wave(wave, rate, sample_rate), sample_rate
+    return wave, rate
+
+
+def resample_wave(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample ``(C, n)`` along the last axis with scipy's polyphase filter (float32 out)."""
+    from scipy.signal import resample_poly
+
+    if from_rate == to_rate:
+        return wave
+    g = math.gcd(int(from_rate), int(to_rate))
+    out = resample_poly(wave, int(to_rate) // g, int(from_rate) // g, axis=-1)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _soundfile_info(path: Path):
+    if not path.exists():
+        raise AudioError("no such file", path)
+    if path.is_dir():
+        raise AudioError("is a folder, not a WAV file", path)
+    if path.stat().st_size == 0:
+        raise AudioError("is empty (0 bytes); not a WAV file", path)
+    try:
+        return sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as err:
+        reason = _libsndfile_reason(err)
+        raise AudioError(f"is not a WAV file or is corrupt ({reason})", path) from None
+    except OSError as err:
+        raise AudioError(f"cannot be read ({err.strerror or err})", path) from None
+
+
+def _libsndfile_reason(err: Exception) -> str:
+    text = str(err)
+    # "Error opening '/x.wav': Format not recognised." -> "Format not recognised"
+    reason = text.split("': ", 1)[-1] if "': " in text else text
+    return reason.strip().rstrip(".") or "unknown error"
+
+
+def _declared_data_bytes(path: Path) -> tuple[int, int] | None:
+    """``(declared size, data offset)`` of a RIFF WAV's ``data`` chunk, or None if unknown.
+
+    Written by hand because libsndfile silently clips the frame count of a truncated file
+    to what is present and Python's ``wave`` rejects WAVE_FORMAT_EXTENSIBLE.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None  # RF64, AIFF, FLAC...: libsndfile's own checks apply
+        file_size = os.fstat(handle.fileno()).st_size
+        offset = 12
+        while offset + 8 <= file_size:
+            handle.seek(offset)
+            chunk_id, size = struct.unpack("<4sI", handle.read(8))
+            if chunk_id == b"data":
+                return size, offset + 8
+            offset += 8 + size + (size & 1)
+    return None
+
+
+def _check_not_truncated(path: Path, info) -> None:
+    declared = _declared_data_bytes(path)
+    if declared is None:
+        return
+    size, offset = declared
+    if size in (0, 0xFFFFFFFF):  # streaming writers leave the size unset: nothing to compare
+        return
+    present = max(path.stat().st_size - offset, 0)
+    if present < size:
+        rate = _bytes_per_second(info)
+        raise AudioError(
+            f"is truncated: the header announces {size} bytes of audio ({size / rate:.2f} s) "
+            f"but only {present} are present ({present / rate:.2f} s); the copy or download "
+            "was cut short", path)
+
+
+def _bytes_per_second(info) -> float:
+    bits = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32,
+            "FLOAT": 32, "DOUBLE": 64, "ULAW": 8, "ALAW": 8}.get(str(info.subtype), 16)
+    return max(info.samplerate * info.channels * bits / 8, 1.0)
+
+
+def _check_channel_exists(path: Path, n_channels: int, channels: ChannelSpec) -> None:
+    if isinstance(channels, int) and channels >= n_channels:
+        noun = "channel" if n_channels == 1 else "channels"
+        raise AudioError(f"has {n_channels} {noun}; channel {channels} does not exist "
+                         f"(choose 0-{n_channels - 1}, 'mean' or 'all')", path)
+
+
+def _check_sample_rate(path: Path, rate: int, wanted: int | None, resample: bool) -> None:
+    if wanted is None or wanted == rate or resample:
+        return
+    raise AudioError(f"sample rate is {rate} Hz but the model expects {wanted} Hz; "
+                     "pass resample=True (--resample) to convert", path)
+
+
+def _read_samples(path: Path, info: AudioInfo) -> np.ndarray:
+    if info.frames == 0:
+        raise AudioError("is empty (0 samples)", path)
+    try:
+        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        reason = _libsndfile_reason(err)
+        raise AudioError(f"is not a WAV file or is corrupt ({reason})", path) from None
+    if data.shape[0] < info.frames:
+        raise AudioError(f"is truncated: the header announces {info.frames} frames but only "
+                         f"{data.shape[0]} could be read", path)
+    if data.shape[0] == 0:
+        raise AudioError("is empty (0 samples)", path)
+    return data
+
+
+def _select_channels(data: np.ndarray, channels: ChannelSpec) -> np.ndarray:
+    """``(n, C)`` as read → ``(C', n)`` float32 with the chosen channel(s)."""
+    if channels == "all":
+        return np.ascontiguousarray(data.T)
+    if channels == "mean":
+        return data.mean(axis=1, dtype=np.float32)[None, :]
+    return np.ascontiguousarray(data[:, channels])[None, :]
+
+
+def _check_not_silent(path: Path, wave: np.ndarray, channels: ChannelSpec,
+                      n_channels: int) -> None:
+    if float(np.max(np.abs(wave))) >= SILENCE_LEVEL:
+        return
+    where = f"channel {channels} " if isinstance(channels, int) and n_channels > 1 else ""
+    raise AudioError(f"{where}is silent (all samples are zero); check the microphone "
+                     "or the recording", path)

@@ -1,0 +1,339 @@
+"""Detector: the scikit-learn-style front door — fit on normal sounds, score, predict, save, load.
+
+>>> det = Detector().fit("recordings/fan/normal")          # doctest: +SKIP
+>>> det.predict(["new_clip.wav"])                           # doctest: +SKIP
+array([0])
+>>> det.save("fan-model"); Detector.load("fan-model")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stethoscope.datasets import Clip, find_clips
+from stethoscope.errors import DataError, ModelFileError
+from stethoscope.features import FeatureConfig, extract_features, load_feature_array
+from stethoscope.models import registry
+from stethoscope.scoring import Threshold, parse_threshold, pool_scores
+from stethoscope.storage import load_model, save_model
+from stethoscope.training import History, TrainConfig, fit, predict, seed_everything
+
+DEFAULT_MODEL = "seed-conv-ae"
+_TRAIN_KEYS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "precision")
+
+Inputs = str | Path | Sequence[str | Path] | Sequence[Clip] | np.ndarray
+
+
+class SpectrogramDataset(Dataset):
+    """Clips of a (possibly memory-mapped) ``(N, C, M, F)`` array, copied one at a time."""
+
+    def __init__(self, specs: np.ndarray, indices: Sequence[int] | None = None) -> None:
+        self.specs = specs
+        self.indices = np.arange(len(specs)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.specs[self.indices[i]], dtype=np.float32))
+
+
+def _progress_default() -> bool:
+    return os.environ.get("STETHOSCOPE_PROGRESS", "1") != "0"
+
+
+class Detector:
+    """Unsupervised machine-sound anomaly detector trained on normal recordings only.
+
+    Parameters
+    ----------
+    model : registered model name (see ``stethoscope.models.names()``).
+    features : FeatureConfig or dict of overrides on the model's default log-mel settings.
+    threshold : rule for the decision threshold: ``"mean+2std"`` (the course rule),
+        ``"p95"``, ``"gamma:0.9"`` (DCASE 2023 baseline), ``"value:3.2"``, or a Threshold.
+    pooling : how a clip's error map becomes one score (default: the model's), e.g.
+        ``"mean"``, ``"max"``, ``"topk:0.1"``, ``"p95"``.
+    epochs, batch_size, lr, patience, seed, device, precision : training settings; None
+        keeps the model's registered defaults.
+    val_fraction : share of normal clips held out for validation and early stopping.
+    model_params : extra keyword arguments for the model's builder.
+    cache_dir : folder for the memory-mapped feature cache (None: no cache).
+
+    Attributes (after ``fit``): ``model_``, ``feature_config_``, ``input_shape_``,
+    ``threshold_``, ``history_``, ``train_scores_``.
+
+    ``score_samples`` returns anomaly scores: higher means more anomalous (unlike
+    scikit-learn's outlier detectors, where higher means more normal).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        features: FeatureConfig | dict | None = None,
+        threshold: str | Threshold = "mean+2std",
+        pooling: str | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        patience: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        precision: str = "fp32",
+        val_fraction: float = 0.1,
+        model_params: dict | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.features = features
+        self.threshold = threshold
+        self.pooling = pooling
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.precision = precision
+        self.val_fraction = val_fraction
+        self.model_params = model_params
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    # ---------------------------------------------------------------- configuration
+    def _info(self) -> registry.ModelInfo:
+        return registry.info(self.model)
+
+    def _feature_config(self) -> FeatureConfig:
+        base = FeatureConfig().replace(**self._info().features)
+        if isinstance(self.features, FeatureConfig):
+            return self.features
+        return base.replace(**(self.features or {}))
+
+    def _train_config(self) -> TrainConfig:
+        overrides = dict(self._info().training)
+        for key in _TRAIN_KEYS:
+            value = getattr(self, key)
+            if value is not None and not (key == "device" and value == "auto"):
+                overrides[key] = value
+        overrides["progress"] = self._show_progress()
+        return replace(TrainConfig(), **overrides)
+
+    def _pooling(self) -> str:
+        return self.pooling or self._info().scoring.get("pooling", "mean")
+
+    def _threshold(self) -> Threshold:
+        if isinstance(self.threshold, Threshold):
+            return Threshold.from_dict(self.threshold.to_dict())
+        return parse_threshold(self.threshold)
+
+    def _show_progress(self) -> bool:
+        return _progress_default() if self.progress is None else self.progress
+
+    # ---------------------------------------------------------------- inputs
+    def load_features(self, X: Inputs, config: FeatureConfig | None = None
+                      ) -> tuple[np.ndarray, list[Clip] | None]:
+        """Turn recordings (files, folders, Clips), a ``.npy`` path or an array into
+        spectrograms ``(N, C, M, F)`` plus the clips they came from (None for arrays)."""
+        config = config or getattr(self, "feature_config_", None) or self._feature_config()
+        if isinstance(X, np.ndarray):
+            return self._array_features(X, config), None
+        if isinstance(X, str | Path) and str(X).endswith(".npy"):
+            specs = load_feature_array(X, channels=config.channels, frames=config.frames)
+            return specs, None
+        items = [X] if isinstance(X, str | Path | Clip) else list(X)
+        if not items:
+            raise DataError("no input recordings given")
+        if all(isinstance(c, Clip) for c in items):
+            clips = list(items)
+        else:
+            clips = find_clips([c.path if isinstance(c, Clip) else c for c in items])
+        specs = extract_features([c.path for c in clips], config, cache_dir=self.cache_dir,
+                                 progress=self._show_progress())
+        return specs, clips
+
+    @staticmethod
+    def _array_features(X: np.ndarray, config: FeatureConfig) -> np.ndarray:
+        if X.ndim == 3:
+            X = X[:, None]
+        if X.ndim != 4:
+            raise DataError(f"array of shape {X.shape} is not spectrograms; expected "
+                            "(N, mels, frames) or (N, channels, mels, frames)")
+        if not np.isfinite(X).all():
+            raise DataError("array contains NaN or infinite values")
+        if config.frames is not None:
+            if X.shape[-1] < config.frames:
+                raise DataError(f"array has {X.shape[-1]} frames; the model needs "
+                                f"{config.frames}")
+            X = X[..., : config.frames]
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def _check_shape(self, specs: np.ndarray, source: str) -> None:
+        expected = tuple(self.input_shape_)
+        got = tuple(specs.shape[1:])
+        fixed_frames = self.feature_config_.frames is not None
+        if got[:2] != expected[:2] or (fixed_frames and got[2] != expected[2]):
+            raise DataError(f"features of shape {got} do not match the model's input "
+                            f"{expected} (channels, mels, frames)", source)
+
+    # ---------------------------------------------------------------- training
+    def fit(self, X: Inputs, y: np.ndarray | None = None) -> Detector:
+        """Train on normal recordings ``X`` (labels ``y``, if given, must all be normal)."""
+        self.feature_config_ = self._feature_config()
+        specs, clips = self.load_features(X, self.feature_config_)
+        self._reject_anomalies(clips, y)
+        if len(specs) < 2:
+            raise DataError(f"need at least 2 normal clips to train, got {len(specs)}")
+        self.input_shape_ = tuple(int(s) for s in specs.shape[1:])
+        info = self._info()
+        seed_everything(self.seed)  # initial weights depend on the seed alone
+        self.model_ = registry.build(self.model, self.input_shape_, **(self.model_params or {}))
+        self.model_.before_training(specs)
+
+        config = self._train_config()
+        train_idx, val_idx = self._split(len(specs))
+        if any(p.requires_grad for p in self.model_.parameters()):
+            self.history_ = fit(
+                self.model_, SpectrogramDataset(specs, train_idx),
+                SpectrogramDataset(specs, val_idx) if len(val_idx) else None,
+                config=config, batch_transform=lambda batch: self.model_.make_examples(batch[0]),
+                description=f"train {info.name}")
+        else:
+            self.history_ = History()
+        self.model_.eval()
+        self.model_.after_training(specs)
+        self.train_scores_ = self._normal_scores(specs)
+        self.threshold_ = self._threshold().fit(self.train_scores_)
+        return self
+
+    @staticmethod
+    def _reject_anomalies(clips: list[Clip] | None, y: np.ndarray | None) -> None:
+        labels = np.asarray(y) if y is not None else (
+            np.array([c.label for c in clips if c.label is not None]) if clips else np.array([]))
+        if labels.size and (labels == 1).any():
+            raise DataError(f"training data holds {int((labels == 1).sum())} anomalous clips; "
+                            "train on normal recordings only")
+
+    def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.random.default_rng(self.seed).permutation(n)
+        n_val = int(round(n * self.val_fraction)) if n >= 10 else 0
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def _normal_scores(self, specs: np.ndarray) -> np.ndarray:
+        """Scores of the normal training clips for the threshold; out-of-sample when the
+        model can give them (a memory-based model scores its own clips as perfect)."""
+        if hasattr(self.model_, "normal_scores"):
+            return np.asarray(self.model_.normal_scores(specs, pooling=self._pooling()),
+                              dtype=np.float64)
+        return self._scores(specs)
+
+    # ---------------------------------------------------------------- scoring
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("this Detector is not fitted yet; call fit() or Detector.load()")
+
+    def iter_error_maps(self, specs: np.ndarray, batch_size: int = 32
+                        ) -> Iterator[torch.Tensor]:
+        """Error maps ``(B, M', F')`` batch by batch, so memory stays flat for big corpora."""
+        return predict(self.model_, SpectrogramDataset(specs), batch_size=batch_size,
+                       device=self.device, precision=self.precision,
+                       fn=lambda model, x: model.error_map(x))
+
+    def _scores(self, specs: np.ndarray) -> np.ndarray:
+        rule = self._pooling()
+        parts = [pool_scores(maps, rule) for maps in self.iter_error_maps(specs)]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+    def score_features(self, specs: np.ndarray, source: str = "input") -> np.ndarray:
+        """Anomaly scores of spectrograms ``(N, C, M, F)`` already computed."""
+        self._check_fitted()
+        self._check_shape(specs, source)
+        return self._scores(specs)
+
+    def score_samples(self, X: Inputs) -> np.ndarray:
+        """Anomaly score per clip (higher = more anomalous)."""
+        self._check_fitted()
+        specs, clips = self.load_features(X)
+        return self.score_features(specs, _source_name(X, clips))
+
+    def decision_function(self, X: Inputs) -> np.ndarray:
+        """Score minus threshold: positive means anomalous."""
+        return self.score_samples(X) - self.threshold_.value_
+
+    def predict(self, X: Inputs) -> np.ndarray:
+        """1 for anomalous clips, 0 for normal ones."""
+        return self.threshold_.predict(self.score_samples(X))
+
+    def error_maps(self, X: Inputs) -> np.ndarray:
+        """Per-clip time × frequency reconstruction error, ``(N, M', F')``."""
+        self._check_fitted()
+        specs, clips = self.load_features(X)
+        self._check_shape(specs, _source_name(X, clips))
+        return torch.cat(list(self.iter_error_maps(specs))).numpy()
+
+    # ---------------------------------------------------------------- persistence
+    def get_config(self) -> dict:
+        """Everything needed to rebuild this fitted detector, as JSON-ready data."""
+        self._check_fitted()
+        scores = self.train_scores_
+        return {
+            "model": self.model,
+            "model_params": dict(self.model_.hparams),
+            "input_shape": list(self.input_shape_),
+            "features": self.feature_config_.to_dict(),
+            "pooling": self._pooling(),
+            "threshold": self.threshold_.to_dict(),
+            "train_scores": {"n": int(scores.size), "mean": float(scores.mean()),
+                             "std": float(scores.std()), "values": scores.tolist()},
+            "settings": {"seed": self.seed, "precision": self.precision,
+                         "val_fraction": self.val_fraction},
+            "history": self.history_.to_dict(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a model folder (``config.json`` + ``model.safetensors``) atomically."""
+        return save_model(path, self.get_config(), self.model_.state_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto", progress: bool | None = None
+             ) -> Detector:
+        """Read a model folder written by :meth:`save`; never unpickles."""
+        config, state = load_model(path)
+        try:
+            det = cls(config["model"], features=FeatureConfig.from_dict(config["features"]),
+                      pooling=config["pooling"], threshold=Threshold.from_dict(config["threshold"]),
+                      seed=config["settings"]["seed"], precision=config["settings"]["precision"],
+                      device=device, progress=progress)
+            det.feature_config_ = det.features
+            det.input_shape_ = tuple(config["input_shape"])
+            det.model_ = registry.build(config["model"], det.input_shape_,
+                                        **config["model_params"])
+            det.model_.load_state_dict(state, strict=True)
+            det.model_.eval()
+            det.threshold_ = Threshold.from_dict(config["threshold"])
+            det.train_scores_ = np.asarray(config["train_scores"]["values"], dtype=np.float64)
+            det.history_ = History.from_dict(config.get("history", {}))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ModelFileError(f"config.json does not describe a usable model "
+                                 f"({str(err).splitlines()[0]})", path) from None
+        det.model_params = dict(det.model_.hparams)
+        return det
+
+    def __repr__(self) -> str:
+        fitted = "fitted" if hasattr(self, "model_") else "not fitted"
+        return f"Detector(model={self.model!r}, threshold={self.threshold!r}, {fitted})"
+
+
+def _source_name(X: Inputs, clips: list[Clip] | None) -> str:
+    if clips:
+        return str(clips[0].path.parent) if len(clips) > 1 else str(clips[0].path)
+    return str(X) if isinstance(X, str | Path) else "input array"
+

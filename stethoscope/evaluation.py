@@ -1,0 +1,126 @@
+"""Evaluate a fitted Detector on labelled recordings, and run an autoencoder's halves apart.
+
+This is the glue behind ``stethoscope evaluate``, ``encode`` and ``decode``: the detector
+scores, :mod:`metrics` counts, :mod:`report` draws.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stethoscope.datasets import groups_of, labels_of
+from stethoscope.detector import Detector, Inputs, SpectrogramDataset
+from stethoscope.errors import DataError
+from stethoscope.metrics import evaluate
+from stethoscope.report import write_evaluation_report
+from stethoscope.storage import atomic_write_bytes
+from stethoscope.training import predict
+
+
+def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Path | None = None,
+                      title: str | None = None, extra_groups: dict | None = None) -> dict:
+    """Score labelled clips, compute the metrics, and optionally write the HTML report.
+
+    Returns ``{"metrics", "scores", "labels", "clips"}``. ``extra_groups`` maps a name to
+    per-clip group values (e.g. simulated fault type) whose AUCs are added under
+    ``metrics["by_<name>"]``.
+    """
+    specs, clips = detector.load_features(data)
+    if clips is None:
+        raise DataError("evaluation needs labelled recordings (MIMII or DCASE layout)")
+    labels = labels_of(clips)
+    scores = detector.score_features(specs, str(clips[0].path.parent))
+    sections, domains = groups_of(clips, "section"), groups_of(clips, "domain")
+    metrics = evaluate(labels, scores, detector.threshold_.value_, sections=sections,
+                       domains=domains)
+    for name, values in (extra_groups or {}).items():
+        metrics[f"by_{name}"] = _group_aucs(labels, scores, np.asarray(values))
+    if report_dir is not None:
+        write_evaluation_report(
+            report_dir, title=title or f"stethoscope evaluation: {detector.model}",
+            scores=scores, threshold=detector.threshold_, clip_names=[c.path for c in clips],
+            y_true=labels, sections=sections, domains=domains, metrics=metrics,
+            history=detector.history_, spectrograms=lambda i: np.asarray(specs[i]),
+            error_maps=lambda i: _error_map(detector, specs[i]),
+            model_description=_describe(detector))
+    return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips}
+
+
+def _group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dict:
+    """AUC of each anomaly group (e.g. fault type) against all normal clips."""
+    from stethoscope.metrics import auc_pauc
+
+    normal = labels == 0
+    out = {}
+    for group in sorted({g for g, lab in zip(groups, labels, strict=True) if lab == 1}):
+        pick = normal | ((groups == group) & (labels == 1))
+        auc, pauc = auc_pauc(labels[pick], scores[pick])
+        out[str(group)] = {"auc": auc, "pauc": pauc, "n_anomalous": int((pick & ~normal).sum())}
+    return out
+
+
+def _error_map(detector: Detector, spec: np.ndarray) -> np.ndarray:
+    batch = torch.from_numpy(np.array(spec, dtype=np.float32))[None]
+    with torch.no_grad():
+        return detector.model_.error_map(batch)[0].float().numpy()
+
+
+def _describe(detector: Detector) -> str:
+    n_params = sum(p.numel() for p in detector.model_.parameters())
+    cfg = detector.feature_config_
+    return (f"Model {detector.model} ({n_params:,} parameters) on {cfg.n_mels}-mel log "
+            f"spectrograms (n_fft {cfg.n_fft}, hop {cfg.hop_length}, {cfg.sample_rate} Hz), "
+            f"clip score = {detector._pooling()} of the reconstruction error map.")
+
+
+def _save_npy(path: str | Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _require_autoencoder(detector: Detector) -> None:
+    model = detector.model_
+    if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+        raise DataError(f"model {detector.model} has no encoder/decoder halves")
+
+
+def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> np.ndarray:
+    """Codes of the encoder half for every clip (frame models: every stacked frame)."""
+    _require_autoencoder(detector)
+    specs, clips = detector.load_features(data)
+    detector._check_fitted()
+    detector._check_shape(specs, str(clips[0].path.parent) if clips else "input")
+    model = detector.model_
+    parts = predict(model, SpectrogramDataset(specs), device=detector.device,
+                    fn=lambda m, x: m.encoder(m.make_examples(x)[0]))
+    codes = torch.cat(list(parts)).numpy()
+    if out is not None:
+        _save_npy(out, codes)
+    return codes
+
+
+def decode(detector: Detector, codes: str | Path | np.ndarray, out: str | Path | None = None
+           ) -> np.ndarray:
+    """Outputs of the decoder half for codes written by :func:`encode`."""
+    _require_autoencoder(detector)
+    source = str(codes) if not isinstance(codes, np.ndarray) else "codes array"
+    if not isinstance(codes, np.ndarray):
+        try:
+            codes = np.load(codes, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read codes ({err})", source) from None
+    model = detector.model_
+    try:
+        with torch.no_grad():
+            outputs = model.decoder(torch.from_numpy(np.asarray(codes, np.float32))).numpy()
+    except RuntimeError as err:
+        raise DataError(f"codes of shape {codes.shape} do not fit the decoder of "
+                        f"{detector.model} ({str(err).splitlines()[0]})", source) from None
+    if out is not None:
+        _save_npy(out, outputs)
+    return outputs

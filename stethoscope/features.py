@@ -1,0 +1,514 @@
+"""Log-mel spectrograms: librosa's conventions, computed fast in batches with torch.
+
+A clip becomes a float32 ``(C, M, F)`` array (channels, mel bands, frames); a corpus
+``(N, C, M, F)``. :func:`extract_features` streams clips through :class:`LogMel` in small
+chunks and can keep the result in an on-disk cache opened as a memory map, so corpora larger
+than memory work and a second run does not touch the WAV files. Precomputed ``.npy``
+arrays (as in the course notebook) load through :func:`load_feature_array`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stethoscope.audio import parse_channels, read_wav
+from stethoscope.errors import AudioError, DataError
+
+CACHE_VERSION = 1  # bump when the features computed for a given config change
+CLIPS_PER_CHUNK = 16  # clips read and transformed together: bounds memory, keeps BLAS busy
+ROWS_PER_STFT = 8  # waveforms per torch.stft call: measured fastest (fits in cache)
+MELS_PER_BLOCK = 16  # mel bands per dense block of the sparse filter bank
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that decides the features of a clip; saved with every model.
+
+    ``channels``: index, "mean" or "all" (see :func:`stethoscope.audio.read_wav`).
+    ``frames``: keep only the first ``frames`` frames (e.g. 312 of 313, as in the course).
+    ``resample``: convert files at another sample rate instead of rejecting them.
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float | None = None
+    power: float = 2.0
+    eps: float = 1e-10
+    channels: int | str = 0
+    frames: int | None = None
+    resample: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive_int("sample_rate", self.sample_rate)
+        _check_positive_int("n_fft", self.n_fft)
+        _check_positive_int("hop_length", self.hop_length)
+        _check_positive_int("n_mels", self.n_mels)
+        if self.frames is not None:
+            _check_positive_int("frames", self.frames)
+        nyquist = self.sample_rate / 2
+        fmax = nyquist if self.fmax is None else self.fmax
+        if not 0 <= self.fmin < fmax <= nyquist:
+            raise ValueError(f"feature settings need 0 <= fmin < fmax <= sample_rate / 2 "
+                             f"({nyquist:g} Hz); got fmin={self.fmin}, fmax={self.fmax}")
+        if not self.power > 0 or not self.eps > 0:
+            raise ValueError(f"feature settings need power > 0 and eps > 0; got "
+                             f"power={self.power}, eps={self.eps}")
+        object.__setattr__(self, "channels", parse_channels(self.channels))
+
+    @property
+    def fmax_hz(self) -> float:
+        """The upper edge of the mel bank in Hz (Nyquist when ``fmax`` is None)."""
+        return self.sample_rate / 2 if self.fmax is None else float(self.fmax)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error, not ignored."""
+        _reject_unknown_keys(data)
+        return cls(**data)
+
+    def replace(self, **changes) -> FeatureConfig:
+        """A copy with some settings changed (unknown names are an error)."""
+        _reject_unknown_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"feature setting {name} must be a positive integer, not {value!r}")
+
+
+def _reject_unknown_keys(data: dict) -> None:
+    known = {f.name for f in dataclasses.fields(FeatureConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown feature setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+
+
+# ---------------------------------------------------------------------------- mel filters
+
+
+def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3)
+    log_step = math.log(6.4) / 27.0
+    with np.errstate(divide="ignore"):
+        logarithmic = 15.0 + np.log(np.maximum(hz, 1e-12) / 1000.0) / log_step
+    return np.where(hz >= 1000.0, logarithmic, linear)
+
+
+def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel`."""
+    mel = np.asarray(mel, dtype=np.float64)
+    log_step = math.log(6.4) / 27.0
+    return np.where(mel >= 15.0, 1000.0 * np.exp(log_step * (mel - 15.0)),
+                    mel * (200.0 / 3))
+
+
+def mel_filter_bank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
+                    fmax: float | None = None) -> np.ndarray:
+    """Triangular mel filters ``(n_mels, 1 + n_fft // 2)`` with Slaney area normalisation.
+
+    Same result as ``librosa.filters.mel(htk=False, norm="slaney")``; written here, from
+    Slaney's Auditory Toolbox formulas, because torchaudio is not available and librosa is
+    only a test dependency.
+    """
+    fmax = sample_rate / 2 if fmax is None else fmax
+    fft_hz = np.linspace(0.0, sample_rate / 2, 1 + n_fft // 2)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(edges_hz)
+    offsets = edges_hz[:, None] - fft_hz[None, :]
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # equal area per filter
+    empty = np.flatnonzero(weights.max(axis=1) == 0)
+    if empty.size:
+        warnings.warn(f"mel bands {empty.tolist()} have no FFT bin (n_mels={n_mels} is too "
+                      f"many for n_fft={n_fft}); they stay at the log floor", stacklevel=2)
+    return weights.astype(np.float32)
+
+
+def _band_blocks(bank: np.ndarray, size: int) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Split the bank into blocks of ``size`` bands and the FFT-bin range each block uses.
+
+    A mel filter touches only a narrow range of bins, so a few small dense products
+    replace one large mostly-zero one (about 4x less arithmetic for 64 bands).
+    """
+    blocks = []
+    for m0 in range(0, bank.shape[0], size):
+        m1 = min(m0 + size, bank.shape[0])
+        used = np.flatnonzero(bank[m0:m1].any(axis=0))
+        k0, k1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+        blocks.append((m0, m1, k0, k1, np.ascontiguousarray(bank[m0:m1, k0:k1].T)))
+    return blocks
+
+
+# ---------------------------------------------------------------------------- log-mel
+
+
+class LogMel(nn.Module):
+    """Waveforms ``(..., n)`` → log-mel spectrograms ``(..., n_mels, frames)`` in dB.
+
+    librosa's conventions: centred frames padded with zeros (librosa >= 0.10 default
+    ``pad_mode="constant"``), periodic Hann window, Slaney mel bank, ``power`` spectrogram
+    and ``10 * log10(mel + eps)``. ``frames = 1 + n // hop_length``. Many clips go through
+    in one call, ``ROWS_PER_STFT`` waveforms at a time so memory stays bounded.
+    """
+
+    def __init__(self, config: FeatureConfig | None = None, **overrides) -> None:
+        super().__init__()
+        self.config = (config or FeatureConfig()).replace(**overrides)
+        cfg = self.config
+        bank = mel_filter_bank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft, periodic=True),
+                             persistent=False)
+        self.register_buffer("bank", torch.from_numpy(bank), persistent=False)
+        self._blocks = []
+        for i, (m0, m1, k0, k1, weights) in enumerate(_band_blocks(bank, MELS_PER_BLOCK)):
+            self.register_buffer(f"block_{i}", torch.from_numpy(weights), persistent=False)
+            self._blocks.append((m0, m1, k0, k1))
+
+    def frames_for(self, n_samples: int) -> int:
+        return 1 + n_samples // self.config.hop_length
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        lead, n = wave.shape[:-1], wave.shape[-1]
+        rows = wave.reshape(-1, n).to(self.window.dtype)
+        out = torch.empty(rows.shape[0], self.config.n_mels, self.frames_for(n),
+                          dtype=rows.dtype, device=rows.device)
+        for start in range(0, rows.shape[0], ROWS_PER_STFT):
+            out[start:start + ROWS_PER_STFT] = self._log_mel(rows[start:start + ROWS_PER_STFT])
+        return out.reshape(*lead, self.config.n_mels, out.shape[-1])
+
+    def _log_mel(self, rows: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        spec = torch.stft(rows, cfg.n_fft, cfg.hop_length, window=self.window, center=True,
+                          pad_mode="constant", return_complex=True)
+        spec = spec.transpose(-1, -2)  # (B, frames, bins): torch's own memory order
+        power = self._power(spec)
+        mel = torch.cat([power[..., k0:k1] @ getattr(self, f"block_{i}")
+                         for i, (_, _, k0, k1) in enumerate(self._blocks)], dim=-1)
+        return mel.add_(cfg.eps).log10_().mul_(10.0).transpose(-1, -2)
+
+    def _power(self, spec: torch.Tensor) -> torch.Tensor:
+        if self.config.power == 2.0:
+            parts = torch.view_as_real(spec)
+            return torch.mul(parts[..., 0], parts[..., 0]).addcmul_(parts[..., 1], parts[..., 1])
+        return spec.abs().pow_(self.config.power)
+
+
+@functools.lru_cache(maxsize=8)
+def _logmel_module(config: FeatureConfig) -> LogMel:
+    return LogMel(config)
+
+
+def logmel(wave: np.ndarray, config: FeatureConfig | None = None) -> np.ndarray:
+    """Log-mel of a waveform ``(C, n)`` (or ``(n,)``) → float32 ``(C, n_mels, frames)``.
+
+    No frame crop here; :func:`clip_features` applies ``config.frames``.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 1:
+        wave = wave[None]
+    with torch.inference_mode():
+        return _logmel_module(config or FeatureConfig())(torch.from_numpy(wave)).numpy()
+
+
+def crop_frames(spec: np.ndarray, frames: int | None, source: str | Path | None) -> np.ndarray:
+    """Keep the first ``frames`` frames; too short a clip is a DataError naming it."""
+    if frames is None:
+        return spec
+    if spec.shape[-1] < frames:
+        raise DataError(f"is too short: it gives {spec.shape[-1]} frames but the features "
+                        f"need {frames}", source)
+    return spec[..., :frames]
+
+
+def _read_clip(path: Path, config: FeatureConfig) -> np.ndarray:
+    wave, _ = read_wav(path, channels=config.channels, sample_rate=config.sample_rate,
+                       resample=config.resample)
+    return wave
+
+
+def clip_features(path: str | Path, config: FeatureConfig | None = None) -> np.ndarray:
+    """Read one WAV and return its log-mel ``(C, M, F)``, cropped to ``config.frames``."""
+    config = config or FeatureConfig()
+    return crop_frames(logmel(_read_clip(Path(path), config), config), config.frames, path)
+
+
+# ---------------------------------------------------------------------------- corpora
+
+
+def extract_features(paths: Sequence[str | Path], config: FeatureConfig | None = None, *,
+                     cache_dir: str | Path | None = None, progress: bool = False
+                     ) -> np.ndarray:
+    """Log-mel of every file → float32 ``(N, C, M, F)``, streamed in chunks.
+
+    With ``cache_dir`` the array is written there (named by a hash of the settings and each
+    file's path, size and modification time) and returned as a read-only memory map; the
+    next call with the same inputs opens it without reading any WAV.
+    """
+    config = config or FeatureConfig()
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("no recordings to compute features from")
+    if cache_dir is None:
+        return _extract(paths, config, progress, lambda shape: np.empty(shape, np.float32))
+    cache_file = cache_path(paths, config, cache_dir)
+    cached = _open_cache(cache_file, len(paths))
+    if cached is not None:
+        return cached
+    return _extract_to_cache(paths, config, progress, cache_file)
+
+
+def cache_path(paths: Sequence[Path], config: FeatureConfig, cache_dir: str | Path) -> Path:
+    """Where the cached features of these files under these settings live."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": CACHE_VERSION, "config": config.to_dict()},
+                             sort_keys=True).encode())
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise AudioError("no such file", path) from None
+        digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return Path(cache_dir) / f"logmel-{digest.hexdigest()[:24]}.npy"
+
+
+def _open_cache(cache_file: Path, n_clips: int) -> np.ndarray | None:
+    """The cached array, or None when absent or unusable (then it is rebuilt)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        array = np.load(cache_file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if array.ndim != 4 or array.shape[0] != n_clips or array.dtype != np.float32:
+        return None
+    return array
+
+
+def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
+                      cache_file: Path) -> np.ndarray:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{cache_file.stem}.", suffix=".npy.tmp",
+                                    dir=cache_file.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        array = _extract(paths, config, progress, lambda shape: np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=shape))
+        array.flush()
+        del array
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, cache_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return np.load(cache_file, mmap_mode="r", allow_pickle=False)
+
+
+def _extract(paths: list[Path], config: FeatureConfig, progress: bool, allocate) -> np.ndarray:
+    """Fill ``allocate((N, C, M, F))`` clip by clip; all clips must give one shape."""
+    out = None
+    first_shape, first_path = None, None
+    with _Progress(progress, len(paths)) as bar:
+        for i, (path, spec) in enumerate(_spectrograms(paths, config)):
+            if out is None:
+                first_shape, first_path = spec.shape, path
+                out = allocate((len(paths), *spec.shape))
+            elif spec.shape != first_shape:
+                raise DataError(
+                    f"features of shape {spec.shape} differ from {first_shape} of the first "
+                    f"clip {first_path}; all clips need the same length, sample rate and "
+                    "channels (set frames to crop them to one length)", path)
+            out[i] = spec
+            bar.advance()
+    return out
+
+
+def _spectrograms(paths: list[Path], config: FeatureConfig
+                  ) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield ``(path, (C, M, F))`` in order, reading the next chunk while this one computes."""
+    chunks = [paths[i:i + CLIPS_PER_CHUNK] for i in range(0, len(paths), CLIPS_PER_CHUNK)]
+    module = _logmel_module(config)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(_read_chunk, chunks[0], config)
+        for index, chunk in enumerate(chunks):
+            waves = pending.result()
+            if index + 1 < len(chunks):
+                pending = reader.submit(_read_chunk, chunks[index + 1], config)
+            for path, spec in zip(chunk, _logmel_batch(waves, module), strict=True):
+                yield path, crop_frames(spec, config.frames, path)
+
+
+def _read_chunk(paths: list[Path], config: FeatureConfig) -> list[np.ndarray]:
+    return [_read_clip(path, config) for path in paths]
+
+
+def _logmel_batch(waves: list[np.ndarray], module: LogMel) -> list[np.ndarray]:
+    """Log-mel of waveforms of possibly different shapes, batching those of equal shape."""
+    specs: list[np.ndarray | None] = [None] * len(waves)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, wave in enumerate(waves):
+        by_shape.setdefault(wave.shape, []).append(i)
+    with torch.inference_mode():
+        for indices in by_shape.values():
+            batch = torch.from_numpy(np.stack([waves[i] for i in indices]))
+            result = module(batch).numpy()
+            for j, i in enumerate(indices):
+                specs[i] = result[j]
+    return specs  # type: ignore[return-value]
+
+
+class _Progress:
+    """A rich bar over clips while computing features; does nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=False)
+            self.task = self.bar.add_task("log-mel features", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------- arrays
+
+
+def load_feature_array(path: str | Path, *, channels: int | str = 0,
+                       frames: int | None = None) -> np.ndarray:
+    """Precomputed spectrograms from a ``.npy`` file → float32 ``(N, C, M, F)``.
+
+    Accepts ``(N, M, F)`` or ``(N, channels, M, F)`` (the course's ``(N, 8, 64, 313)``),
+    picks ``channels`` (index, "mean" or "all") and keeps the first ``frames`` frames. The
+    file is memory-mapped; only "mean" or a non-float32 file makes an in-memory copy.
+    """
+    path = Path(path)
+    array = _open_npy(path)
+    n_channels = array.shape[1]
+    try:
+        channels = parse_channels(channels)
+    except ValueError as err:
+        raise DataError(str(err), path) from None
+    if isinstance(channels, int) and channels >= n_channels:
+        noun = "channel" if n_channels == 1 else "channels"
+        raise DataError(f"has {n_channels} {noun} (shape {array.shape}); channel {channels} "
+                        f"does not exist", path)
+    if frames is not None and array.shape[-1] < frames:
+        raise DataError(f"has {array.shape[-1]} frames per clip (shape {array.shape}); the "
+                        f"features need {frames}", path)
+    array = array[..., :frames] if frames is not None else array
+    _check_finite(array, path)
+    if channels == "mean":
+        return _channel_mean(array)
+    if isinstance(channels, int):
+        array = array[:, channels:channels + 1]
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError("no such file" if not path.exists() else "is not a file", path)
+    if path.suffix.lower() != ".npy":
+        raise DataError("is not a .npy array (expected spectrograms saved with numpy.save)",
+                        path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot be read as a .npy array ({reason})", path) from None
+    if array.dtype.kind not in "fiu":
+        raise DataError(f"holds {array.dtype} values; expected numbers", path)
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim != 4:
+        raise DataError(f"has shape {array.shape}; expected (N, mels, frames) or "
+                        "(N, channels, mels, frames)", path)
+    if array.shape[0] == 0:
+        raise DataError(f"holds no spectrograms (shape {array.shape})", path)
+    return array
+
+
+def _rows_per_pass(array: np.ndarray, budget_bytes: int = 64 << 20) -> int:
+    row_bytes = max(int(np.prod(array.shape[1:])) * 4, 1)
+    return max(1, budget_bytes // row_bytes)
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    if array.dtype.kind != "f":
+        return
+    step = _rows_per_pass(array)
+    for start in range(0, array.shape[0], step):
+        block = np.asarray(array[start:start + step])
+        finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+        if not finite.all():
+            raise DataError(f"spectrogram {start + int(np.argmin(finite))} contains NaN or "
+                            "infinite values", path)
+
+
+def _channel_mean(array: np.ndarray) -> np.ndarray:
+    out = np.empty((array.shape[0], 1, *array.shape[2:]), dtype=np.float32)
+    step = _rows_per_pass(array)
+    for start in range(0, array.shape[0], step):
+        out[start:start + step] = array[start:start + step].mean(axis=1, keepdims=True,
+                                                                 dtype=np.float32)
+    return out
+
+
+def check_features_match(array: np.ndarray, expected_shape: Sequence[int],
+                         source: str | Path | None = None) -> None:
+    """Raise DataError when spectrograms do not have the shape a model was trained on.
+
+    ``array`` is one clip ``(C, M, F)`` or a corpus ``(N, C, M, F)``; ``expected_shape`` is
+    the model's per-clip input shape.
+    """
+    expected = tuple(int(s) for s in expected_shape)
+    shape = tuple(int(s) for s in np.shape(array))
+    got = shape[-len(expected):] if len(shape) >= len(expected) else shape
+    if got == expected:
+        return
+    names = ("channels", "mel bands", "frames")[-len(expected):] if len(expected) <= 3 else ()
+    differ = [f"{name} {g} vs {e}" for name, g, e in zip(names, got, expected, strict=False)
+              if g != e]
+    hint = f" ({', '.join(differ)}); use the feature settings the model was trained with" \
+        if differ and len(got) == len(expected) else ""
+    raise DataError(f"features of shape {got} do not match the model's input {expected}{hint}",
+                    source)
