@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,8 +337,8 @@ def _extract(paths: list[Path], config: FeatureConfig, progress: bool, allocate)
     """Fill ``allocate((N, C, M, F))`` clip by clip; all clips must give one shape."""
     out = None
     first_shape, first_path = None, None
-    with _Progress(progress, len(paths)) as bar:
-        for i, (path, spec) in enumerate(_spectrograms(paths, config)):
+    with _Progress(progress, len(paths)) as bar, closing(_spectrograms(paths, config)) as specs:
+        for i, (path, spec) in enumerate(specs):
             if out is None:
                 first_shape, first_path = spec.shape, path
                 out = allocate((len(paths), *spec.shape))

@@ -17,6 +17,7 @@ the same seed gives bit-identical output, and a faulty clip with seed ``s`` is t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import zlib
@@ -384,10 +385,11 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
     start_phase = rng.uniform(0, 2 * np.pi)
     variation = _slow_variation(rng, t, p.wobble_depth, p.wobble_hz)
     flow_white = _noise(rng, n)
+    operating = _operating_point(p, rng)
     pulsation_phase = rng.uniform(0, 2 * np.pi)
 
     if fault == "clogging":
-        speed *= 1 + 0.015 * sev  # less flow, less load: the motor slips less and speeds up
+        speed *= 1 + 0.006 * sev  # less flow, less load: the motor slips less and speeds up
     shaft_hz = p.shaft_hz * speed
     f_shaft = shaft_hz * (1 + variation)
     phi = _phase(f_shaft, fs, start_phase)
@@ -404,13 +406,13 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
         # Pressure pulsation in the pipes: slow swell of the flow noise at the system period.
         flow_mod *= 1 + 0.12 * np.sin(2 * np.pi * t / p.cycle_s + pulsation_phase)
     if fault == "clogging":
-        tilt = 2.5 * sev  # dB/octave lost above the flow peak: a blocked, quieter flow
-    response = _flow_response(p, tilt)
+        tilt = 1.0 * sev  # dB/octave lost above the flow peak: a blocked, quieter flow
+    response = _flow_response(operating, tilt)
     flow = _unit(_shaped(flow_white, fs, response)) * flow_mod
 
     blade_gain = 1.0
     if fault == "clogging":
-        blade_gain = 1 + 0.25 * sev  # flow separation at the blockage sharpens the tone
+        blade_gain = 1 + 0.15 * sev  # flow separation at the blockage sharpens the tone
     tonal = p.tonal_level * load * (0.35 * _unit(shaft) + blade_gain * _unit(blade))
     if fault == "imbalance":
         # The rotor's centre of mass orbits at shaft rate: blade-pass tone and flow noise are
@@ -435,6 +437,15 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
 def rng_centre(clip: _Clip, lo: float, hi: float) -> float:
     """A fault-specific frequency, drawn from the fault stream and kept below Nyquist."""
     return min(clip.fault_rng.uniform(lo, hi), 0.42 * clip.fs)
+
+
+def _operating_point(p: MachineParams, rng: np.random.Generator) -> MachineParams:
+    """This recording's flow conditions: the noise peak and slopes vary a little per clip
+    (temperature, pressure, load), as they do between real recordings of one machine."""
+    centre, rise, fall = rng.normal(0, 1, 3)
+    return dataclasses.replace(p, flow_centre_hz=p.flow_centre_hz * (1 + 0.05 * centre),
+                               flow_rise_db=p.flow_rise_db + 0.3 * rise,
+                               flow_fall_db=p.flow_fall_db + 0.3 * fall)
 
 
 def _flow_response(p: MachineParams, tilt_db: float = 0.0):
@@ -520,21 +531,29 @@ def _stroke_schedule(clip: _Clip, duration: float) -> list[dict]:
 
 
 def _slider_timing_fault(clip: _Clip, strokes: list[dict], duration: float) -> list[dict]:
-    """Timing faults: one or two strokes start late or early, stop short, or hesitate."""
+    """Timing faults: a few strokes start late or early, stop short, or hesitate midway
+    (the controller or a sticking carriage interrupts the motion)."""
     rng, sev = clip.fault_rng, clip.severity
     half = clip.params.cycle_s / 2
     inside = [i for i, s in enumerate(strokes) if 0.2 < s["start"] < duration - half]
     strokes = [dict(s) for s in strokes]
-    for i in rng.choice(inside, size=min(len(inside), int(rng.integers(1, 3))), replace=False):
-        kind = rng.choice(["late", "early", "short"])
-        shift = rng.uniform(0.08, 0.2) * sev * half
+    count = min(len(inside), int(rng.integers(2, 5)))
+    for i in rng.choice(inside, size=count, replace=False):
+        kind = rng.choice(["late", "early", "short", "hesitate"])
+        shift = rng.uniform(0.1, 0.25) * sev * half
+        s = strokes[i]
         if kind == "late":
-            strokes[i]["start"] += shift
+            s["start"] += shift
         elif kind == "early":
-            strokes[i]["start"] -= shift
-        else:
-            strokes[i]["length"] *= 1 - rng.uniform(0.15, 0.35) * min(sev, 2)
-    return strokes
+            s["start"] -= shift
+        elif kind == "short":
+            s["length"] *= 1 - rng.uniform(0.2, 0.4) * min(sev, 2)
+        else:  # stop partway, pause, then finish the stroke
+            first = s["length"] * rng.uniform(0.3, 0.6)
+            strokes.append(dict(start=s["start"] + first + shift, length=s["length"] - first,
+                                impact=s["impact"]))
+            s["length"], s["impact"] = first, s["impact"] * 0.3
+    return sorted(strokes, key=lambda s: s["start"])
 
 
 def _stroke_profile(t: np.ndarray, strokes: list[dict]) -> np.ndarray:
@@ -561,6 +580,7 @@ def _slider(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
     offsets = rng.uniform(0, 2 * np.pi, 12)
     variation = _slow_variation(rng, t, p.wobble_depth, p.wobble_hz)
     rolling_white = _noise(rng, n)
+    operating = _operating_point(p, rng)
     strokes = _stroke_schedule(clip, duration)
     if fault == "timing":
         strokes = _slider_timing_fault(clip, strokes, duration)
@@ -572,7 +592,7 @@ def _slider(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
     mesh = _harmonics(phi, p.blades, p.blade_amps, offsets[4:7], top, p.shaft_hz)
     gate = np.clip(profile * 4, 0, 1)  # the drive is energised while the motor turns
     pwm = np.sin(2 * np.pi * min(p.pwm_hz, 0.45 * fs) * t + offsets[7]) * gate
-    rolling = _unit(_shaped(rolling_white, fs, _flow_response(p))) * profile
+    rolling = _unit(_shaped(rolling_white, fs, _flow_response(operating))) * profile
     whine = p.tonal_level * load * (0.5 * _unit(motor) * profile + _unit(mesh) * profile)
     ends = np.array([s["start"] + s["length"] for s in strokes])
     kernel = _kernel(fs, p.click_hz, p.click_decay_s, p.click_gains)
@@ -609,7 +629,7 @@ def _slider_friction(clip: _Clip, profile: np.ndarray) -> np.ndarray:
                      0, 1)  # stick-slip comes and goes a few times a second
     grind = _unit(_shaped(_noise(rng, n), fs, lambda f: _hump(f, squeal_hz * 0.8, 6, 6)))
     rub = (0.6 * _unit(squeal) * bursts + grind) * profile
-    return 0.2 * clip.severity * rub
+    return 0.25 * clip.severity * rub
 
 
 def _belt_slap(clip: _Clip, profile: np.ndarray, phi: np.ndarray, ends: np.ndarray,
@@ -656,10 +676,10 @@ def _valve_timing_fault(clip: _Clip, windows: list[dict], duration: float) -> li
     inside = [i for i, w in enumerate(windows) if 0.1 < w["open"] < duration - 0.5]
     if not inside:
         return windows
-    for i in rng.choice(inside, size=min(len(inside), int(rng.integers(1, 3))), replace=False):
+    for i in rng.choice(inside, size=min(len(inside), int(rng.integers(2, 5))), replace=False):
         w = windows[i]
         kind = rng.choice(["late", "early", "sticking", "missing", "extra"])
-        shift = rng.uniform(0.03, 0.12) * sev
+        shift = rng.uniform(0.05, 0.2) * sev
         if kind == "late":
             w["open"] += shift
         elif kind == "early":
@@ -685,6 +705,7 @@ def _valve(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
     hiss_white = _noise(rng, n)
     load = 1 + rng.normal(0, 0.06)
     buzz_offsets = rng.uniform(0, 2 * np.pi, 3)
+    operating = _operating_point(p, rng)
     windows = _valve_schedule(clip, duration)
     if fault == "timing":
         windows = _valve_timing_fault(clip, windows, duration)
@@ -692,7 +713,7 @@ def _valve(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
         windows = _chatter(clip, windows)
     spans = [(w["open"], w["close"]) for w in windows]
     gate = _envelope(n, fs, spans, attack=0.006, release=0.012)
-    hiss = _unit(_shaped(hiss_white, fs, _flow_response(p))) * gate * p.tonal_level * load
+    hiss = _unit(_shaped(hiss_white, fs, _flow_response(operating))) * gate * p.tonal_level * load
     open_kernel = _kernel(fs, p.click_hz, p.click_decay_s, p.click_gains)
     close_kernel = _kernel(fs, [f * 0.92 for f in p.click_hz], p.click_decay_s,
                            p.click_gains[:1] + tuple(g * 1.3 for g in p.click_gains[1:]))

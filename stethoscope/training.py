@@ -192,6 +192,8 @@ def _steps(
     order = torch.randperm(x.shape[0], generator=generator)
     for start in range(0, x.shape[0], example_batch_size):
         idx = order[start : start + example_batch_size]
+        if len(idx) == 1:  # a lone trailing example breaks batch norm; the baselines skip it
+            continue
         yield x[idx], y[idx]
 
 
@@ -361,6 +363,8 @@ def predict(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_precision(precision, device)
     model.eval().to(device)
+    if channels_last:  # same layout as in training, so scores match to the last bit
+        model.to(memory_format=torch.channels_last)
     loader = DataLoader(as_dataset(data), batch_size=batch_size, shuffle=False)
     for batch in loader:
         x = to_device(batch[0] if isinstance(batch, list | tuple) else batch, device,

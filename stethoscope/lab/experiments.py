@@ -41,7 +41,7 @@ from stethoscope.models.mnist import (
     reconstruction_loss,
 )
 from stethoscope.storage import atomic_directory, atomic_write_text, load_model, save_model
-from stethoscope.training import History, TrainConfig, fit, predict
+from stethoscope.training import History, TrainConfig, fit, predict, seed_everything
 
 EXPERIMENTS = ("cnn-overfit", "dropout", "dense-ae", "conv-ae")
 DROPOUT_VARIANTS = {
@@ -122,7 +122,11 @@ def _progress_enabled(progress: bool) -> bool:
 
 def train_network(model_name: str, data: LabData, config: TrainConfig, *,
                   description: str = "train", **hparams: Any) -> tuple[nn.Module, History]:
-    """Build ``model_name`` with ``hparams`` and train it on ``data`` with the lab's loss."""
+    """Build ``model_name`` with ``hparams`` and train it on ``data`` with the lab's loss.
+
+    The weights are initialised right after seeding with ``config.seed``, so a run repeats.
+    """
+    seed_everything(config.seed)
     model = build(model_name, IMAGE_SHAPE, **hparams)
     if isinstance(model, MnistAutoencoder):
         history = fit(model, (data.x_train,), (data.x_test,), config=config,
@@ -155,7 +159,7 @@ class _Trainer:
 
 
 def run_lab(experiments: Sequence[str] | str, *,
-            data: str | Path | Sequence[np.ndarray] | None = None, out: str | Path,
+            data: str | Path | Sequence[np.ndarray] | LabData | None = None, out: str | Path,
             epochs: int | None = None, subset: int | None = None,
             batch_size: int | None = None, seed: int = 0, progress: bool = True) -> Path:
     """Run lab experiments and write the lab report; return the report's ``index.html``.

@@ -1,0 +1,115 @@
+"""Detector: fit / score_samples / predict / save / load on real valve recordings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stethoscope import Detector
+from stethoscope.datasets import find_clips
+from stethoscope.errors import DataError, ModelFileError
+from stethoscope.evaluation import decode, encode, evaluate_detector
+
+
+@pytest.fixture(scope="module")
+def valve_clips():
+    from tests.conftest import shared_path
+
+    root = shared_path("dcase2023_valve")
+    train = find_clips(root / "train")[:12]
+    test = find_clips(root / "test")
+    # a small, labelled test set: 6 normal and 6 anomalous clips
+    test = [c for c in test if c.label == 0][:6] + [c for c in test if c.label == 1][:6]
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def fitted(valve_clips):
+    train, _ = valve_clips
+    return Detector("seed-conv-ae", epochs=2, seed=0, progress=False).fit(train)
+
+
+def test_fit_sets_learned_attributes(fitted):
+    assert fitted.input_shape_ == (1, 64, 312)
+    assert fitted.train_scores_.shape == (12,)
+    assert fitted.threshold_.value_ == pytest.approx(
+        fitted.train_scores_.mean() + 2 * fitted.train_scores_.std())
+    assert fitted.history_.epochs == 2
+
+
+def test_scores_and_predictions(fitted, valve_clips):
+    _, test = valve_clips
+    scores = fitted.score_samples(test)
+    flags = fitted.predict(test)
+    assert scores.shape == (12,) and np.isfinite(scores).all()
+    assert np.array_equal(flags, (scores > fitted.threshold_.value_).astype(int))
+    assert np.allclose(fitted.decision_function(test), scores - fitted.threshold_.value_)
+
+
+def test_save_load_gives_identical_scores(fitted, valve_clips, tmp_path):
+    _, test = valve_clips
+    fitted.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model"] == "seed-conv-ae" and config["features"]["n_mels"] == 64
+    again = Detector.load(tmp_path / "model")
+    assert np.array_equal(again.score_samples(test[:3]), fitted.score_samples(test[:3]))
+    assert again.threshold_.value_ == fitted.threshold_.value_
+
+
+def test_same_seed_twice_gives_identical_scores(valve_clips):
+    train, test = valve_clips
+    a = Detector("dcase-ae", epochs=1, seed=5, progress=False).fit(train[:6])
+    b = Detector("dcase-ae", epochs=1, seed=5, progress=False).fit(train[:6])
+    assert np.array_equal(a.score_samples(test[:4]), b.score_samples(test[:4]))
+
+
+def test_arrays_in_and_shape_mismatch(fitted):
+    rng = np.random.default_rng(0)
+    specs = rng.normal(-40, 5, size=(3, 64, 313)).astype(np.float32)  # cropped to 312
+    assert fitted.score_samples(specs).shape == (3,)
+    with pytest.raises(DataError, match="do not match the model's input"):
+        fitted.score_samples(rng.normal(size=(2, 1, 128, 312)).astype(np.float32))
+    with pytest.raises(DataError, match="NaN"):
+        fitted.score_samples(np.full((2, 64, 312), np.nan, dtype=np.float32))
+
+
+def test_training_on_anomalies_is_refused(valve_clips):
+    _, test = valve_clips
+    with pytest.raises(DataError, match="anomalous clips"):
+        Detector("seed-conv-ae", epochs=1, progress=False).fit(test)
+
+
+def test_unfitted_detector_says_so():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Detector().score_samples(np.zeros((1, 64, 312), np.float32))
+
+
+def test_model_file_from_another_version(fitted, tmp_path):
+    fitted.save(tmp_path / "m")
+    cfg = tmp_path / "m" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "format_version": 0}))
+    with pytest.raises(ModelFileError, match="format version 0"):
+        Detector.load(tmp_path / "m")
+
+
+def test_evaluate_writes_report(fitted, valve_clips, tmp_path):
+    _, test = valve_clips
+    result = evaluate_detector(fitted, test, report_dir=tmp_path / "report")
+    overall = result["metrics"]["overall"]
+    assert overall["tp"] + overall["fn"] == 6 and overall["fp"] + overall["tn"] == 6
+    assert 0.0 <= overall["auc"] <= 1.0
+    for name in ("index.html", "metrics.json", "scores.csv", "figures/roc.png",
+                 "figures/error_maps.png", "figures/score_histogram.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+
+
+def test_encoder_and_decoder_apart(fitted, valve_clips, tmp_path):
+    _, test = valve_clips
+    codes = encode(fitted, test[:2], tmp_path / "codes.npy")
+    assert codes.shape == (2, 4, 8, 39)
+    outputs = decode(fitted, tmp_path / "codes.npy", tmp_path / "out.npy")
+    assert outputs.shape[-2:] == (64, 312)
+    with pytest.raises(DataError, match="do not fit the decoder"):
+        decode(fitted, np.zeros((1, 3, 3), np.float32))
