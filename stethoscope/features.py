@@ -32,7 +32,7 @@ from stethoscope.errors import AudioError, DataError
 
 CACHE_VERSION = 1  # bump when the features computed for a given config change
 CLIPS_PER_CHUNK = 16  # clips read and transformed together: bounds memory, keeps BLAS busy
-ROWS_PER_STFT = 8  # waveforms per torch.stft call: measured fastest (fits in cache)
+ROWS_PER_STFT = 4  # waveforms per torch.stft call: measured fastest (stays in cache)
 MELS_PER_BLOCK = 16  # mel bands per dense block of the sparse filter bank
 
 
@@ -277,7 +277,9 @@ def extract_features(paths: Sequence[str | Path], config: FeatureConfig | None =
     if not paths:
         raise DataError("no recordings to compute features from")
     if cache_dir is None:
-        return _extract(paths, config, progress, lambda shape: np.empty(shape, np.float32))
+        sink = _MemorySink(len(paths))
+        _extract(paths, config, progress, sink)
+        return sink.array
     cache_file = cache_path(paths, config, cache_dir)
     cached = _open_cache(cache_file, len(paths))
     if cached is not None:
@@ -314,17 +316,15 @@ def _open_cache(cache_file: Path, n_clips: int) -> np.ndarray | None:
 
 def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
                       cache_file: Path) -> np.ndarray:
+    """Stream the features into a temporary .npy beside ``cache_file``, then rename it."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{cache_file.stem}.", suffix=".npy.tmp",
                                     dir=cache_file.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        array = _extract(paths, config, progress, lambda shape: np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=shape))
-        array.flush()
-        del array
-        with open(tmp, "rb+") as handle:
+        with os.fdopen(fd, "wb") as handle:
+            _extract(paths, config, progress, _NpyFileSink(len(paths), handle))
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, cache_file)
     except BaseException:
@@ -333,23 +333,48 @@ def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
     return np.load(cache_file, mmap_mode="r", allow_pickle=False)
 
 
-def _extract(paths: list[Path], config: FeatureConfig, progress: bool, allocate) -> np.ndarray:
-    """Fill ``allocate((N, C, M, F))`` clip by clip; all clips must give one shape."""
-    out = None
+class _MemorySink:
+    """Collects the spectrograms of a corpus in one in-memory array."""
+
+    def __init__(self, n_clips: int) -> None:
+        self.n_clips = n_clips
+        self.array: np.ndarray | None = None
+
+    def add(self, index: int, spec: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty((self.n_clips, *spec.shape), dtype=np.float32)
+        self.array[index] = spec
+
+
+class _NpyFileSink:
+    """Appends spectrograms, in order, to an open ``.npy`` file: memory stays flat whatever
+    the corpus size (a writable memory map would keep every written page resident)."""
+
+    def __init__(self, n_clips: int, handle) -> None:
+        self.n_clips = n_clips
+        self.handle = handle
+
+    def add(self, index: int, spec: np.ndarray) -> None:
+        if index == 0:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (self.n_clips, *spec.shape)}
+            np.lib.format.write_array_header_1_0(self.handle, header)
+        self.handle.write(np.ascontiguousarray(spec, dtype="<f4").tobytes())
+
+
+def _extract(paths: list[Path], config: FeatureConfig, progress: bool, sink) -> None:
+    """Pass every clip's ``(C, M, F)`` to ``sink.add`` in order; all must share one shape."""
     first_shape, first_path = None, None
     with _Progress(progress, len(paths)) as bar, closing(_spectrograms(paths, config)) as specs:
         for i, (path, spec) in enumerate(specs):
-            if out is None:
+            if first_shape is None:
                 first_shape, first_path = spec.shape, path
-                out = allocate((len(paths), *spec.shape))
             elif spec.shape != first_shape:
                 raise DataError(
                     f"features of shape {spec.shape} differ from {first_shape} of the first "
                     f"clip {first_path}; all clips need the same length, sample rate and "
                     "channels (set frames to crop them to one length)", path)
-            out[i] = spec
+            sink.add(i, spec)
             bar.advance()
-    return out
 
 
 def _spectrograms(paths: list[Path], config: FeatureConfig

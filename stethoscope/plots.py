@@ -200,6 +200,11 @@ def _show_map(fig: Figure, ax: Axes, image: np.ndarray, title: str, cmap: str,
     fig.colorbar(mesh, ax=ax, label=label)
 
 
+def _fit_title(title: str, width: int = 60) -> str:
+    """Shorten long clip names from the left so side-by-side titles never overlap."""
+    return title if len(title) <= width else "…" + title[-(width - 1):]
+
+
 def plot_spectrograms(specs: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
                       ncols: int = 2, suptitle: str | None = None) -> Figure:
     """Log-mel spectrograms side by side (inferno), e.g. normal vs anomalous examples."""
@@ -230,12 +235,13 @@ def plot_error_maps(specs: Sequence[np.ndarray], error_maps: Sequence[np.ndarray
     if not specs:
         raise ValueError("plot_error_maps needs at least one clip")
     titles = list(titles) if titles is not None else [f"clip {i}" for i in range(len(specs))]
-    fig, axes = new_figure(len(specs), 2, width=10.0, height=3.0 * len(specs))
+    fig, axes = new_figure(len(specs), 2, width=12.0, height=3.3 * len(specs))
     axes = np.asarray(axes).reshape(len(specs), 2)
     for (ax_spec, ax_err), spec, err, title in zip(axes, specs, error_maps, titles,
                                                    strict=True):
-        _show_map(fig, ax_spec, spec, f"{title}: log-mel", "inferno", "log-mel")
-        _show_map(fig, ax_err, err, f"{title}: reconstruction error", "magma", "squared error")
+        _show_map(fig, ax_spec, spec, f"{_fit_title(title)}\nlog-mel", "inferno", "log-mel")
+        _show_map(fig, ax_err, err, f"{_fit_title(title)}\nreconstruction error", "magma",
+                  "squared error")
     if suptitle:
         fig.suptitle(suptitle)
     return fig
@@ -330,12 +336,15 @@ def plot_autoencoder_grid(images: np.ndarray, codes: np.ndarray, reconstructions
         raise ValueError(f"{n} images but {len(codes)} codes")
     fig, axes = new_figure(3, n, width=1.3 * n, height=4.6)
     axes = np.asarray(axes).reshape(3, n)
-    rows = (("input", images, "gray"), ("code", [code_as_image(c) for c in codes], "viridis"),
-            ("reconstruction", reconstructions, "gray"))
-    for row, (name, pictures, cmap) in enumerate(rows):
+    code_pictures = [code_as_image(c) for c in codes]
+    code_range = (min(p.min() for p in code_pictures), max(p.max() for p in code_pictures))
+    rows = (("input", images, "gray", (0.0, 1.0)),
+            ("code", code_pictures, "viridis", code_range),  # one scale for the whole row
+            ("reconstruction", reconstructions, "gray", (0.0, 1.0)))
+    for row, (name, pictures, cmap, (low, high)) in enumerate(rows):
         for col in range(n):
             ax = axes[row, col]
-            ax.imshow(pictures[col], cmap=cmap, interpolation="nearest")
+            ax.imshow(pictures[col], cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:

@@ -389,7 +389,7 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
     pulsation_phase = rng.uniform(0, 2 * np.pi)
 
     if fault == "clogging":
-        speed *= 1 + 0.006 * sev  # less flow, less load: the motor slips less and speeds up
+        speed *= 1 + 0.008 * sev  # less flow, less load: the motor slips less and speeds up
     shaft_hz = p.shaft_hz * speed
     f_shaft = shaft_hz * (1 + variation)
     phi = _phase(f_shaft, fs, start_phase)
@@ -406,7 +406,7 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
         # Pressure pulsation in the pipes: slow swell of the flow noise at the system period.
         flow_mod *= 1 + 0.12 * np.sin(2 * np.pi * t / p.cycle_s + pulsation_phase)
     if fault == "clogging":
-        tilt = 1.0 * sev  # dB/octave lost above the flow peak: a blocked, quieter flow
+        tilt = 1.5 * sev  # dB/octave lost above the flow peak: a blocked, quieter flow
     response = _flow_response(operating, tilt)
     flow = _unit(_shaped(flow_white, fs, response)) * flow_mod
 
@@ -417,11 +417,12 @@ def _rotating(clip: _Clip, kind: str) -> tuple[np.ndarray, np.ndarray]:
     if fault == "imbalance":
         # The rotor's centre of mass orbits at shaft rate: blade-pass tone and flow noise are
         # amplitude-modulated at 1x (sidebands at BPF +- shaft rate), and 1x itself rises.
-        depth = 0.22 * sev
+        depth = 0.25 * sev
         am = 1 + depth * np.sin(phi + clip.fault_rng.uniform(0, 2 * np.pi))
         tonal = tonal * am
         flow = flow * (1 + 0.5 * depth * np.sin(phi + 1.0))
-        tonal += p.tonal_level * 0.45 * sev * np.sin(phi)
+        # The new unbalance adds to the residual one (same phase): the 1x line grows.
+        tonal += p.tonal_level * 0.6 * sev * np.sin(phi + tone_offsets[0])
     normal = flow + tonal + p.hum_level * _unit(hum)
 
     extra = np.zeros(n)
@@ -474,9 +475,9 @@ def _bearing_impacts(clip: _Clip, phi: np.ndarray, f_shaft: np.ndarray) -> np.nd
     jitter = rng.normal(0, 0.015, idx.size) * period
     amps = np.clip(rng.normal(1.0, 0.25, idx.size), 0.2, None)
     resonance = min(p.bearing_resonance_hz, 0.42 * fs)
-    kernel = _kernel(fs, (resonance, resonance * 1.37), (0.0009, 0.0006), (1.0, 0.5))
+    kernel = _kernel(fs, (resonance, resonance * 1.37), (0.0015, 0.001), (1.0, 0.4))
     impacts = _ring(n, (idx + jitter) / fs, amps, kernel, fs)
-    return 0.16 * clip.severity * _unit(impacts)
+    return 0.17 * clip.severity * _unit(impacts)
 
 
 def _rub(clip: _Clip, phi: np.ndarray, shaft_hz: float) -> np.ndarray:
@@ -596,7 +597,7 @@ def _slider(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
     whine = p.tonal_level * load * (0.5 * _unit(motor) * profile + _unit(mesh) * profile)
     ends = np.array([s["start"] + s["length"] for s in strokes])
     kernel = _kernel(fs, p.click_hz, p.click_decay_s, p.click_gains)
-    impact_amps = np.array([s["impact"] for s in strokes]) * 2.5
+    impact_amps = np.array([s["impact"] for s in strokes]) * 10.0
     clip.events = sorted([(float(s["start"]), "start") for s in strokes if 0 <= s["start"] < duration]
                          + [(float(e), "end") for e in ends if 0 <= e < duration])
     impacts = _ring(n, ends, impact_amps, kernel, fs)
@@ -613,7 +614,7 @@ def _slider(clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
         amps = np.clip(clip.fault_rng.normal(1, 0.25, idx.size), 0.2, None)
         res = min(p.bearing_resonance_hz, 0.42 * fs)
         ring = _ring(n, idx / fs, amps * profile[idx],
-                     _kernel(fs, (res, res * 1.37), (0.0009, 0.0006), (1.0, 0.5)), fs)
+                     _kernel(fs, (res, res * 1.37), (0.0015, 0.001), (1.0, 0.4)), fs)
         extra = 0.2 * sev * _unit(ring)
     return normal, extra
 
@@ -629,7 +630,7 @@ def _slider_friction(clip: _Clip, profile: np.ndarray) -> np.ndarray:
                      0, 1)  # stick-slip comes and goes a few times a second
     grind = _unit(_shaped(_noise(rng, n), fs, lambda f: _hump(f, squeal_hz * 0.8, 6, 6)))
     rub = (0.6 * _unit(squeal) * bursts + grind) * profile
-    return 0.25 * clip.severity * rub
+    return 0.3 * clip.severity * rub
 
 
 def _belt_slap(clip: _Clip, profile: np.ndarray, phi: np.ndarray, ends: np.ndarray,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,14 @@ def test_lab_networks_are_registered_apart_from_anomaly_models() -> None:
     assert not lab_names & set(names())
 
 
+def test_importing_the_models_package_registers_the_lab_networks() -> None:
+    # A fresh interpreter: the CLI lists models without importing stethoscope.lab.
+    code = "from stethoscope.models import names; print(' '.join(names('lab')))"
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert listed == ["mnist-cnn", "mnist-conv-ae", "mnist-dense-ae"]
+
+
 def test_dropout_placements() -> None:
     def dropouts(model: nn.Sequential) -> list[int]:
         return [i for i, layer in enumerate(model) if isinstance(layer, nn.Dropout)]
@@ -92,11 +102,12 @@ def test_encoder_and_decoder_work_apart(name: str, code_shape: tuple[int, ...]) 
     torch.manual_seed(0)
     model = build(name, IMAGE).eval()
     x = torch.rand(4, *IMAGE)
-    code = model.encoder(x)
+    with torch.no_grad():
+        code, whole = model.encoder(x), model(x)
+        assert torch.allclose(model.decoder(code), whole)
     assert tuple(code.shape[1:]) == code_shape == model.code_shape
-    assert torch.allclose(model.decoder(code), model(x))
-    assert tuple(model(x).shape) == (4, *IMAGE)
-    assert 0 <= float(model(x).min()) and float(model(x).max()) <= 1  # sigmoid output
+    assert tuple(whole.shape) == (4, *IMAGE)
+    assert 0 <= float(whole.min()) and float(whole.max()) <= 1  # sigmoid output
 
 
 # ---- training --------------------------------------------------------------------------
@@ -142,6 +153,9 @@ def test_subset_takes_first_images_and_a_fifth_for_test(mnist_small) -> None:
     assert mnist_small.x_test.shape == (60, *IMAGE)
     with pytest.raises(DataError, match="subset must be a positive"):
         prepare_data(mnist_small, subset=0)
+    with pytest.raises(DataError, match=r"arrays in memory: x_train has shape \(2, 784\)"):
+        prepare_data((np.zeros((2, 784)), np.zeros(2, int), np.zeros((1, 28, 28)),
+                      np.zeros(1, int)))
 
 
 # ---- overfitting indicator -------------------------------------------------------------
@@ -365,9 +379,31 @@ def test_replot_redraws_without_training(lab_run: Path, mnist_small, monkeypatch
                                              mnist_small.y_test.numpy()))
         assert sorted(p.name for p in drawn) == sorted(figures)
         assert all((lab_run / name / f).is_file() for f in figures)
+    assert [p.name for p in replot(lab_run / "dropout")] == ["dropout.png"]  # needs no data
+
+
+def test_replot_from_the_recorded_data_source(tmp_path: Path, mnist_small) -> None:
+    out = tmp_path / "lab"
+    from conftest import shared_path
+
+    lab.run_experiment("conv-ae", data=shared_path("mnist", "mnist.npz"), subset=50, out=out,
+                       epochs=1, progress=False)
+    (out / "conv-ae" / "reconstructions.png").unlink()
+    assert [p.name for p in replot(out / "conv-ae")] == ["loss.png", "reconstructions.png"]
+    config = json.loads((out / "conv-ae" / "config.json").read_text())
+    assert config["data"]["test_images"] == 10 and config["data"]["source"].endswith("mnist.npz")
 
 
 def test_unknown_experiment_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown lab experiment 'gan'"):
         run_lab(["dense-ae", "gan"], data=(), out=tmp_path)
     assert lab.expand_experiments(["all", "dropout"]) == list(EXPERIMENTS)
+
+
+def test_replot_of_an_in_memory_run_asks_for_the_data(tmp_path: Path, mnist_small) -> None:
+    arrays = (mnist_small.x_train.numpy()[:40, 0], mnist_small.y_train.numpy()[:40],
+              mnist_small.x_test.numpy()[:10, 0], mnist_small.y_test.numpy()[:10])
+    run = lab.run_experiment("dense-ae", data=arrays, out=tmp_path, epochs=1, progress=False)
+    with pytest.raises(DataError, match="trained on arrays in memory; pass the MNIST data"):
+        replot(run)
+    assert len(replot(run, data=arrays)) == 2

@@ -30,7 +30,7 @@ from torch import nn
 
 from stethoscope import plots
 from stethoscope.errors import DataError, ModelFileError
-from stethoscope.lab.mnist_data import find_mnist, read_mnist
+from stethoscope.lab.mnist_data import find_mnist, read_mnist, validate_mnist_arrays
 from stethoscope.lab.overfitting import overfitting_report
 from stethoscope.models import build, info
 from stethoscope.models.mnist import (
@@ -57,6 +57,7 @@ LOSSES = {"mnist-cnn": "categorical cross-entropy (softmax in the loss)",
           "mnist-dense-ae": "binary cross-entropy per pixel",
           "mnist-conv-ae": "binary cross-entropy per pixel"}
 SUBSET_TEST_FRACTION = 5  # --subset N trains on N images and validates on N // 5
+IN_MEMORY = "arrays in memory"
 REPORT_TITLE = "stethoscope lab: MNIST CNN, dropout and autoencoders"
 
 
@@ -79,7 +80,7 @@ def prepare_data(data: str | Path | Sequence[np.ndarray] | LabData | None = None
     if isinstance(data, LabData):
         arrays, source = (data.x_train, data.y_train, data.x_test, data.y_test), data.source
     elif isinstance(data, tuple | list):
-        arrays, source = tuple(np.asarray(a) for a in data), "arrays in memory"
+        arrays, source = validate_mnist_arrays(tuple(data), IN_MEMORY), IN_MEMORY
     else:
         path = find_mnist(data, progress=progress)
         arrays, source = read_mnist(path), str(path.resolve())
@@ -370,8 +371,10 @@ def replot(run_dir: str | Path, *,
     lab_data = None
     if config.get("experiment") in AUTOENCODERS:
         source = data if data is not None else config.get("data", {}).get("source")
-        lab_data = prepare_data(None if source == "arrays in memory" else source,
-                                subset=config.get("data", {}).get("subset"))
+        if source == IN_MEMORY:
+            raise DataError("this run was trained on arrays in memory; pass the MNIST data "
+                            "to replot (data=...) to redraw its digits", run_dir)
+        lab_data = prepare_data(source, subset=config.get("data", {}).get("subset"))
     return _draw_figures(run_dir, lab_data)
 
 
@@ -419,7 +422,7 @@ def _autoencoder_grid(experiment: str, model: MnistAutoencoder, data: LabData):
     images = data.x_test[idx]
     codes = encode(model, images)
     reconstructions = decode(model, codes)
-    shape = "×".join(map(str, codes.shape[1:]))
+    shape = "×".join(map(str, codes.shape[1:])) + ("-unit" if codes.ndim == 2 else "")
     return plots.plot_autoencoder_grid(
         images.numpy(), codes, reconstructions, labels=data.y_test[idx].tolist(),
         title=f"{experiment}: test digits, their {shape} codes, reconstructions")

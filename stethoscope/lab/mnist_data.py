@@ -130,7 +130,7 @@ def read_mnist(path: str | Path) -> MnistArrays:
     """Read a Keras ``.npz`` or an IDX folder into validated, scaled arrays."""
     path = Path(path)
     raw = _read_idx_folder(path) if path.is_dir() else _read_npz(path)
-    return _validated(raw, path)
+    return validate_mnist_arrays(raw, path)
 
 
 def _read_npz(path: Path) -> MnistArrays:
@@ -188,8 +188,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
-def _validated(raw: MnistArrays, path: Path) -> MnistArrays:
-    """Check shapes, dtypes and label range; scale images to float32 [0, 1]."""
+def validate_mnist_arrays(raw: MnistArrays, path: str | Path) -> MnistArrays:
+    """Check shapes (N, 28, 28), dtypes and label range of ``(x_train, y_train, x_test,
+    y_test)``; return images as float32 in [0, 1] and labels as int64. ``path`` names the
+    origin in error messages."""
+    if len(raw) != 4:
+        raise DataError(f"expected 4 arrays (x_train, y_train, x_test, y_test), got {len(raw)}",
+                        path)
+    raw = tuple(np.asarray(a) for a in raw)  # type: ignore[assignment]
     out = []
     for split, (x, y) in (("train", raw[0:2]), ("test", raw[2:4])):
         if x.ndim != 3 or x.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
