@@ -107,8 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("encode", help="run only the encoder half of an autoencoder")
-    p.add_argument("model", type=Path)
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("model", type=Path, help="detector model folder, or a lab run/model folder")
+    p.add_argument("inputs", nargs="+", help="recordings (detector) or a .npy of images (lab)")
     p.add_argument("--out", type=Path, required=True, help=".npy file for the codes")
 
     p = sub.add_parser("decode", help="run only the decoder half on saved codes")
@@ -217,18 +217,57 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_encode(args: argparse.Namespace) -> int:
-    from stethoscope.evaluation import encode
+def _is_lab_model(path: Path) -> bool:
+    """Lab (MNIST) model folders say kind=lab in config.json; detector folders do not."""
+    from stethoscope.storage import load_model
 
-    codes = encode(_load_detector(args.model), args.inputs, args.out)
+    for folder in (path / "model", path):  # a lab run folder holds its model in model/
+        if (folder / "model.safetensors").is_file():
+            return load_model(folder)[0].get("kind") == "lab"
+    return False
+
+
+def _load_npy(path: Path):
+    import numpy as np
+
+    from stethoscope.errors import DataError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the array ({err})", path) from None
+
+
+def _save_npy(path: Path, array) -> None:
+    from stethoscope.evaluation import save_npy
+
+    save_npy(path, array)
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    if _is_lab_model(args.model):
+        from stethoscope.lab import encode as lab_encode
+
+        codes = lab_encode(args.model, _load_npy(Path(args.inputs[0])))
+        _save_npy(args.out, codes)
+    else:
+        from stethoscope.evaluation import encode
+
+        codes = encode(_load_detector(args.model), args.inputs, args.out)
     print(f"wrote codes of shape {codes.shape} to {args.out}")
     return EXIT_OK
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from stethoscope.evaluation import decode
+    if _is_lab_model(args.model):
+        from stethoscope.lab import decode as lab_decode
 
-    outputs = decode(_load_detector(args.model), args.codes, args.out)
+        outputs = lab_decode(args.model, _load_npy(args.codes))
+        _save_npy(args.out, outputs)
+    else:
+        from stethoscope.evaluation import decode
+
+        outputs = decode(_load_detector(args.model), args.codes, args.out)
     print(f"wrote outputs of shape {outputs.shape} to {args.out}")
     return EXIT_OK
 

@@ -77,7 +77,8 @@ def _describe(detector: Detector) -> str:
             f"clip score = {detector._pooling()} of the reconstruction error map.")
 
 
-def _save_npy(path: str | Path, array: np.ndarray) -> None:
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` as ``.npy`` atomically."""
     buffer = io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(path, buffer.getvalue())
@@ -100,7 +101,7 @@ def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> n
                     fn=lambda m, x: m.encoder(m.make_examples(x)[0]))
     codes = torch.cat(list(parts)).numpy()
     if out is not None:
-        _save_npy(out, codes)
+        save_npy(out, codes)
     return codes
 
 
@@ -122,5 +123,5 @@ def decode(detector: Detector, codes: str | Path | np.ndarray, out: str | Path |
         raise DataError(f"codes of shape {codes.shape} do not fit the decoder of "
                         f"{detector.model} ({str(err).splitlines()[0]})", source) from None
     if out is not None:
-        _save_npy(out, outputs)
+        save_npy(out, outputs)
     return outputs

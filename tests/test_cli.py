@@ -120,3 +120,25 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "stethoscope", "--version"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.startswith("stethoscope ")
+
+
+def test_lab_encode_decode_round_trip(tmp_path, mnist_npz, capsys):
+    import numpy as np
+    import torch
+
+    from stethoscope.lab import load_lab_model
+
+    assert main(["lab", "conv-ae", "--epochs", "1", "--subset", "300", "--data",
+                 str(mnist_npz), "--out", str(tmp_path / "lab")]) == 0
+    images = np.load(mnist_npz)["x_test"][:5].astype(np.float32) / 255.0
+    np.save(tmp_path / "images.npy", images)
+    run = tmp_path / "lab" / "conv-ae"
+    assert main(["encode", str(run), str(tmp_path / "images.npy"), "--out",
+                 str(tmp_path / "codes.npy")]) == 0
+    assert main(["decode", str(run), str(tmp_path / "codes.npy"), "--out",
+                 str(tmp_path / "out.npy")]) == 0
+    whole = load_lab_model(run).eval()
+    with torch.no_grad():
+        expected = whole(torch.from_numpy(images)[:, None]).numpy().reshape(5, 28, 28)
+    assert np.allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)
+    assert np.load(tmp_path / "codes.npy").shape == (5, 8, 7, 7)
