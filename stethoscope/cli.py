@@ -200,7 +200,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from stethoscope.download import download_dataset
+    from stethoscope.download import dataset_files, download_dataset
+
+    files = dataset_files(args.name, machine=args.machine, snr=args.snr)
+    total = sum(f.approx_gb or 0.0 for f in files)
+    print(f"{args.name}: {len(files)} archive(s), about {total:.1f} GB: "
+          + ", ".join(f.name for f in files), file=sys.stderr)
 
     out = download_dataset(args.name, machine=args.machine, machine_id=args.machine_id,
                            snr=args.snr, out=args.out, base_url=args.base_url)

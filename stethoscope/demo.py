@@ -12,19 +12,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stethoscope.datasets import Clip, find_clips
+from stethoscope.datasets import find_clips
 from stethoscope.detector import DEFAULT_MODEL, Detector
 from stethoscope.evaluation import evaluate_detector
 from stethoscope.storage import atomic_write_text
 
 
-def _fault_types(clips: list[Clip], root: Path) -> dict[str, str]:
-    """Fault type of each abnormal clip, from the simulator's faults.csv files."""
-    faults: dict[str, str] = {}
+def _fault_types(root: Path) -> dict[Path, str]:
+    """Fault type of each clip (resolved path → fault), from the simulator's faults.csv."""
+    faults: dict[Path, str] = {}
     for table in root.rglob("faults.csv"):
         with table.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                faults[Path(row["file"]).name] = row["fault"]
+                faults[(table.parent / row["file"]).resolve()] = row["fault"]
     return faults
 
 
@@ -51,8 +51,8 @@ def run_demo(out: str | Path = "stethoscope-demo", *, machine: str = "fan",
     det.save(out / "model")
 
     console.print(f"[bold]3/4[/] scoring {len(test)} held-out clips")
-    faults = _fault_types(clips, Path(root))
-    groups = [faults.get(c.path.name, "normal") for c in test]
+    faults = _fault_types(Path(root))
+    groups = [faults.get(c.path.resolve(), "normal") for c in test]
     report_dir = out / "report"
     result = evaluate_detector(det, test, report_dir=report_dir,
                                title=f"stethoscope demo: simulated {machine}",

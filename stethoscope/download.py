@@ -18,13 +18,14 @@ import socket
 import ssl
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from stethoscope.errors import DataError, DownloadError
@@ -39,7 +40,7 @@ __all__ = [
     "extract_archive",
 ]
 
-USER_AGENT = "stethoscope-downloader/1 (+https://github.com/; python urllib)"
+USER_AGENT = "stethoscope-downloader/1 (python urllib)"
 
 
 # --------------------------------------------------------------------------------------
@@ -86,6 +87,7 @@ def download_file(
                 raise DownloadError(f"transfer of {url} interrupted after {cut.have} bytes "
                                     f"({cut.reason}); run the command again to resume from "
                                     f"{part.name}", dest) from None
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # let a flaky link recover
     _verify_part(part, dest, expected, size)
     os.replace(part, dest)
     return dest
@@ -363,7 +365,6 @@ class DatasetInfo:
     snrs: tuple[str, ...] = ()
     machine_ids: tuple[str, ...] = ()
     notes: str = ""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def page(self) -> str:
@@ -547,6 +548,8 @@ def download_dataset(name: str, *, machine: str | None = None,
     already in place is not fetched again. ``base_url`` replaces ``https://zenodo.org``.
     Returns ``out``.
     """
+    from stethoscope.storage import atomic_write_text  # lazy: storage imports torch
+
     info = _dataset(name)
     ids = _normalise_ids(machine_id, info)
     files = dataset_files(name, machine=machine, snr=snr)
@@ -568,7 +571,7 @@ def download_dataset(name: str, *, machine: str | None = None,
         if not placed:
             raise DownloadError(f"no {remote.machine} recordings found in the archive "
                                 f"(expected {_expected_layout(info)})", archive)
-        marker.write_text("\n".join(str(p) for p in placed) + "\n")
+        atomic_write_text(marker, "\n".join(str(p) for p in placed) + "\n")
         if not keep_archives:
             archive.unlink(missing_ok=True)
     return out
