@@ -105,6 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="mnist.npz or folder of IDX files")
     p.add_argument("--out", type=Path, default=Path("lab-runs"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="bf16/auto: bf16 autocast on CPUs with native bf16 (faster)")
 
     p = sub.add_parser("encode", help="run only the encoder half of an autoencoder")
     p.add_argument("model", type=Path, help="detector model folder, or a lab run/model folder")
@@ -217,7 +219,8 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     from stethoscope.lab import run_lab
 
     report = run_lab(args.experiment, data=args.data, out=args.out, epochs=args.epochs,
-                     subset=args.subset, batch_size=args.batch_size, seed=args.seed)
+                     subset=args.subset, batch_size=args.batch_size, seed=args.seed,
+                     precision=args.precision)
     print(f"lab report: {report}")
     return EXIT_OK
 

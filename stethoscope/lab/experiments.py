@@ -101,7 +101,7 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_config(model_name: str, *, epochs: int | None = None, batch_size: int | None = None,
-                 seed: int = 0, progress: bool = True) -> TrainConfig:
+                 seed: int = 0, progress: bool = True, precision: str = "fp32") -> TrainConfig:
     """The notebook's settings for ``model_name`` (from the registry), run to full length."""
     defaults = dict(info(model_name).training)
     if epochs is not None:
@@ -112,7 +112,7 @@ def train_config(model_name: str, *, epochs: int | None = None, batch_size: int 
         if value < 1:
             raise ValueError(f"{key} must be at least 1, not {value}")
     return TrainConfig(**defaults, patience=None, restore_best=False, seed=seed,
-                       progress=_progress_enabled(progress))
+                       precision=precision, progress=_progress_enabled(progress))
 
 
 def _progress_enabled(progress: bool) -> bool:
@@ -162,7 +162,8 @@ class _Trainer:
 def run_lab(experiments: Sequence[str] | str, *,
             data: str | Path | Sequence[np.ndarray] | LabData | None = None, out: str | Path,
             epochs: int | None = None, subset: int | None = None,
-            batch_size: int | None = None, seed: int = 0, progress: bool = True) -> Path:
+            batch_size: int | None = None, seed: int = 0, progress: bool = True,
+            precision: str = "fp32") -> Path:
     """Run lab experiments and write the lab report; return the report's ``index.html``.
 
     ``experiments``: ``"all"``, one name or a list of ``cnn-overfit``, ``dropout``,
@@ -170,6 +171,7 @@ def run_lab(experiments: Sequence[str] | str, *,
     the caches, else a one-time download). ``epochs``/``batch_size`` override the
     notebook's (200/1000 for the CNNs, 150/250 dense AE, 200/250 conv AE); ``subset``
     trains on the first N training images and validates on the first N // 5 test images.
+    ``precision`` ``"bf16"``/``"auto"`` trains under bf16 autocast (fp32 weights).
     Each experiment writes ``<out>/<experiment>/``; the report (``index.html`` and
     ``report.md``) covers every experiment folder present in ``out``.
     """
@@ -179,7 +181,7 @@ def run_lab(experiments: Sequence[str] | str, *,
     trainer = _Trainer()
     for name in names:
         run_experiment(name, data=lab_data, out=out, epochs=epochs, batch_size=batch_size,
-                       seed=seed, progress=progress, _trainer=trainer)
+                       seed=seed, progress=progress, precision=precision, _trainer=trainer)
     return write_lab_report(out)
 
 
@@ -202,14 +204,15 @@ def run_experiment(name: str, *,
                    data: str | Path | Sequence[np.ndarray] | LabData | None = None,
                    out: str | Path, epochs: int | None = None, subset: int | None = None,
                    batch_size: int | None = None, seed: int = 0, progress: bool = True,
-                   _trainer: _Trainer | None = None) -> Path:
+                   precision: str = "fp32", _trainer: _Trainer | None = None) -> Path:
     """Run one experiment into ``<out>/<name>/`` (replaced atomically); return that folder."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown lab experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     lab_data = data if isinstance(data, LabData) and subset is None else prepare_data(
         data, subset=subset, progress=progress)
     trainer = _trainer or _Trainer()
-    settings = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "progress": progress}
+    settings = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "progress": progress,
+                "precision": precision}
     start = time.perf_counter()
     with atomic_directory(Path(out) / name) as run_dir:
         if name == "cnn-overfit":
