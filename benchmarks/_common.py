@@ -28,9 +28,11 @@ DRAFT_NOTE = ("**DRAFT** — measured on a busy shared machine (other jobs runni
 
 
 def ensure_repo_on_path() -> None:
-    """Let ``python benchmarks/x.py`` import ``stethoscope`` from this checkout."""
+    """Let ``python benchmarks/x.py`` import ``stethoscope`` from this checkout, and import the
+    package before torch, so that whatever runtime settings it makes on import hold here."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    import stethoscope  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- machine
@@ -171,15 +173,27 @@ def section_markers(name: str) -> tuple[str, str]:
 DOC_HEADER = """# Benchmarks
 
 Speed and memory of stethoscope on a CPU, each compared with the usual alternative measured
-in the same run. Regenerate everything with `python benchmarks/run_all.py` (a few minutes;
-see [benchmarks/README.md](../benchmarks/README.md)); each script also rewrites only its own
-section below. Every ratio is measured in one run with the two sides alternated (A, B, A, B,
-…) after a warm-up, and is the ratio of the medians of the repeats.
+in the same run. Regenerate everything with `python benchmarks/run_all.py` (about 15-20
+minutes on 2 cores; see [benchmarks/README.md](../benchmarks/README.md)); each script also
+rewrites only its own section below.
+
+How to read these numbers: every ratio is measured in one run with the two sides
+alternated (A, B, A, B, …) after a warm-up, and is the ratio of the medians of the repeats.
+Each section names the machine it ran on (CPU, cores, bf16/AMX flags, library versions,
+date); figures from different machines are not comparable. Run on a quiet machine: when
+other processes compete for the cores, PyTorch's OpenMP threads lose far more than
+TensorFlow's thread pool, so ratios against Keras taken on a busy machine can understate
+stethoscope (compare with `--threads 1` there).
 """
 
 
-def update_doc_section(name: str, body: str, doc: Path = DOC, draft: bool = False) -> Path:
-    """Replace (or append) the section of ``doc`` between this script's markers with ``body``."""
+def update_doc_section(name: str, body: str, doc: Path = DOC, draft: bool = False,
+                       header: str | None = None) -> Path:
+    """Replace (or append) the section of ``doc`` between this script's markers with ``body``.
+
+    A missing ``doc`` starts with ``header`` (default: this document's introduction for
+    docs/benchmarks.md, a bare title for any other file).
+    """
     ensure_repo_on_path()
     from stethoscope.storage import atomic_write_text
 
@@ -187,7 +201,9 @@ def update_doc_section(name: str, body: str, doc: Path = DOC, draft: bool = Fals
     if draft:
         body = f"> {DRAFT_NOTE}\n\n{body}"
     block = f"{begin}\n{body.strip()}\n{end}"
-    text = doc.read_text() if doc.exists() else DOC_HEADER
+    if header is None:
+        header = DOC_HEADER if Path(doc).resolve() == DOC.resolve() else f"# {Path(doc).stem}\n"
+    text = doc.read_text() if doc.exists() else header
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
@@ -206,6 +222,20 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--draft", action="store_true",
                         help="mark the section as a draft (noisy machine, tiny settings)")
     parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+
+
+def shown_command(script: str, argv: Sequence[str]) -> str:
+    """The command line to rerun a script, without the flags that only steer where output goes."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--doc", "--quiet", "--draft", "--no-doc") or arg.startswith("--doc="):
+            skip = arg == "--doc"
+            continue
+        shown.append(arg)
+    return " ".join(["python", f"benchmarks/{script}", *shown])
 
 
 def logger(quiet: bool) -> Callable[[str], None]:

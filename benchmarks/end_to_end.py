@@ -34,6 +34,7 @@ from _common import (
     logger,
     machine_line,
     markdown_table,
+    shown_command,
     update_doc_section,
 )
 
@@ -225,7 +226,7 @@ def report(results: dict[int, list[Step]], layouts: dict[int, str], pool: Pool, 
                        f"clips) the peak grows {growth:.2f}× (flat would be ≈ 1×).")
     layout = "; ".join(f"N = {n:,}: {layouts[n]}" for n in sizes)
     model = args.model or "the default model"
-    command = " ".join(["python benchmarks/end_to_end.py", *args.argv])
+    command = shown_command("end_to_end.py", args.argv)
     return "\n".join([
         "## End to end: folder of WAVs → report",
         "",

@@ -31,6 +31,7 @@ from _common import (
     markdown_table,
     median,
     package_version,
+    shown_command,
     timed,
     update_doc_section,
     usable_cores,
@@ -152,7 +153,7 @@ def report(rows: list[Row], data_desc: str, args) -> str:
                            target])
     table = markdown_table(["features", "from", "stethoscope clips/s", "librosa clips/s",
                             "ratio", "max Δ (dB)", "target"], table_rows)
-    command = " ".join(["python benchmarks/features.py", *args.argv])
+    command = shown_command("features.py", args.argv)
     return "\n".join([
         "## Log-mel features",
         "",

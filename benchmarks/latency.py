@@ -31,6 +31,7 @@ from _common import (
     markdown_table,
     median,
     percentile,
+    shown_command,
     update_doc_section,
     usable_cores,
 )
@@ -118,7 +119,7 @@ def report(results: dict[int, dict[str, list[float]]], clip_desc: str, det: Dete
     table = markdown_table(["threads", "path", "median ms", "p99 ms", "mean ms",
                             "target (median)"], rows)
     shape = "×".join(map(str, det.input_shape_))
-    command = " ".join(["python benchmarks/latency.py", *args.argv])
+    command = shown_command("latency.py", args.argv)
     return "\n".join([
         "## Scoring latency of one clip",
         "",

@@ -2,10 +2,11 @@
 
 Each script runs in its own process (fresh memory, fresh thread pools) and writes its
 section into a new copy of the document, which replaces the old one at the end. A section
-whose script failed keeps its previous text, marked stale; sections written by other
-scripts (e.g. ``quality.py``) are kept as they are.
+whose script failed keeps its previous text, marked stale; sections that other scripts
+wrote into the same document are kept as they are. (Detection quality is not measured here:
+``quality.py`` writes ``docs/quality.md``.)
 
-    python benchmarks/run_all.py            # the full run: about 10-15 minutes on 2 cores
+    python benchmarks/run_all.py            # the full run: about 15-20 minutes on 2 cores
     python benchmarks/run_all.py --quick    # smoke run of every script: a few minutes
     python benchmarks/run_all.py --only features,latency
 """
@@ -40,7 +41,7 @@ def sections(text: str) -> dict[str, str]:
 def stale(block: str, name: str) -> str:
     begin, _ = section_markers(name)
     note = (f"> **Stale:** `benchmarks/{SCRIPTS[name]}` failed in the last `run_all.py`; "
-            "this is the previous run's text.\n")
+            "this is the previous run's text.\n\n")
     return block if "**Stale:**" in block else block.replace(begin + "\n", begin + "\n" + note, 1)
 
 
@@ -97,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(f"{name:<18} {timings[name]:7.1f} s  "
                            f"{'FAILED' if name in failed else 'ok'}" for name in chosen))
     print(f"total {sum(timings.values()):.0f} s; wrote {args.doc}")
-    if (HERE / "quality.py").exists():
-        print("(benchmarks/quality.py is not run here; its section, if any, was kept.)")
     return 1 if failed else 0
 
 

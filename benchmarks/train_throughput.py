@@ -39,6 +39,7 @@ from _common import (
     machine_line,
     markdown_table,
     median,
+    shown_command,
     update_doc_section,
     usable_cores,
 )
@@ -95,7 +96,6 @@ class Case:
     lr: float
     x: np.ndarray
     y: np.ndarray | None
-    notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- Keras side
@@ -140,7 +140,8 @@ class KerasWorker:
 
     def __init__(self, python: Path, threads: int) -> None:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": str(threads),
-               "TF_NUM_INTEROP_THREADS": "1", "PYTHONPATH": ""}
+               "TF_NUM_INTEROP_THREADS": "1", "KERAS_SIDE_THREADS": str(threads),
+               "PYTHONPATH": ""}
         self.proc = subprocess.Popen([str(python), str(KERAS_SIDE)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, env=env)
@@ -322,34 +323,37 @@ def spectrogram_shape(features: dict) -> tuple[int, int, int]:
 
 
 def make_case(name: str, steps: int, rng: np.random.Generator) -> tuple[Case, nn.Module]:
-    """Build model ``name`` and ``steps`` batches of random data shaped for it."""
+    """Build model ``name`` and ``steps`` batches of random data shaped for it.
+
+    Spectrogram models train on what their ``make_examples`` gives (whole spectrograms,
+    stacked frames, or outer frames → centre frame) with MSE; the lab classifier on random
+    labels with cross-entropy; the lab autoencoders on [0, 1) images with binary
+    cross-entropy, as the notebook trained them.
+    """
     info = registry.info(name)
-    model = registry.build(name, input_shape_for(name, info))
     shape = input_shape_for(name, info)
-    unit = "images" if info.kind == "lab" else "spectrograms"
-    if hasattr(model, "make_examples"):
-        with torch.no_grad():
-            inputs, _ = model.make_examples(torch.zeros(1, *shape))
-        if inputs.shape[0] != 1:
-            unit = f"{tuple(inputs.shape[1:])[0]}-value windows"
-        shape = tuple(inputs.shape[1:])
+    model = registry.build(name, shape)
     batch = BATCH_SIZES.get(name, int(info.training.get("example_batch_size")
                                       or info.training.get("batch_size", 64)))
+    optimizer, lr = info.training.get("optimizer", "adam"), float(info.training.get("lr", 1e-3))
+    n = steps * batch
+    if hasattr(model, "make_examples"):
+        with torch.no_grad():
+            inputs, targets = model.make_examples(torch.zeros(1, *shape))
+        unit = "spectrograms" if inputs.shape[0] == 1 else f"{inputs.shape[1]}-value windows"
+        in_shape, target_shape = tuple(inputs.shape[1:]), tuple(targets.shape[1:])
+        x = rng.standard_normal((n, *in_shape), dtype=np.float32)
+        y = None if target_shape == in_shape else rng.standard_normal(
+            (n, *target_shape), dtype=np.float32)
+        return Case(name, batch, in_shape, unit, "mse", optimizer, lr, x, y), model
     with torch.no_grad():
         out_shape = tuple(model.eval()(torch.zeros(2, *shape)).shape[1:])
-    n = steps * batch
-    y = None
+    x = rng.random((n, *shape), dtype=np.float32)
     if out_shape != shape:  # a classifier: logits
-        loss = "ce_logits"
-        x = rng.random((n, *shape), dtype=np.float32)
         y = rng.integers(0, out_shape[0], n).astype(np.int64)
-    elif _ends_in_sigmoid(model):
-        loss, x = "bce", rng.random((n, *shape), dtype=np.float32)
-    else:
-        loss, x = "mse", rng.standard_normal((n, *shape), dtype=np.float32)
-    case = Case(name, batch, shape, unit, loss, info.training.get("optimizer", "adam"),
-                float(info.training.get("lr", 1e-3)), x, y)
-    return case, model
+        return Case(name, batch, shape, "images", "ce_logits", optimizer, lr, x, y), model
+    loss = "bce" if _ends_in_sigmoid(model) else "mse"
+    return Case(name, batch, shape, "images", loss, optimizer, lr, x, None), model
 
 
 def _ends_in_sigmoid(model: nn.Module) -> bool:
@@ -525,16 +529,14 @@ def table(results: list[ModelResult], variants: list[str], phase: str) -> str:
 
 
 def report(results: list[ModelResult], variants: list[str], keras_versions: dict,
-           keras_note: str, args) -> str:
+           general_notes: list[str], args) -> str:
     compile_line = ""
     compiled = [r for r in results if r.compile_seconds is not None]
     if compiled:
         compile_line = ("\n`torch.compile` start-up (first training epoch, compile included): " +
                         ", ".join(f"{r.name} {r.compile_seconds:.0f} s" for r in compiled) +
                         ". It pays when a training run saves more than that.\n")
-    notes = [n for r in results for n in r.notes]
-    if keras_note:
-        notes.insert(0, keras_note)
+    notes = general_notes + [n for r in results for n in r.notes]
     keras_desc = (f"TF-Keras (`tensorflow-cpu` {keras_versions.get('tensorflow')}, Keras "
                   f"{keras_versions.get('keras')}, default `model.fit`/`model.predict`, "
                   "`jit_compile='auto'`)" if keras_versions else "TF-Keras (not measured)")
@@ -545,8 +547,8 @@ def report(results: list[ModelResult], variants: list[str], keras_versions: dict
                       "keras": keras_versions.get("keras")}),
         "",
         f"Samples per second on random data, stethoscope (`training.fit` / `training.predict`, "
-        f"{args.threads} threads) against the same architecture, batch size, loss and optimizer "
-        f"in {keras_desc}. Each cell is the median of {args.repeats} rounds after "
+        f"{args.threads} thread{'s' if args.threads != 1 else ''}) against the same "
+        f"architecture, batch size, loss and optimizer in {keras_desc} with as many threads. Each cell is the median of {args.repeats} rounds after "
         f"{args.warmup} warm-up round(s), every side run once per round in turn; the ratio in "
         "brackets is against Keras in the same run.",
         "",
@@ -561,12 +563,12 @@ def report(results: list[ModelResult], variants: list[str], keras_versions: dict
     ]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes]
-    command = " ".join(["python benchmarks/train_throughput.py", *args.argv])
+    command = shown_command("train_throughput.py", args.argv)
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines)
 
 
-def trainable_models(selected: str | None) -> list[str]:
+def chosen_models(selected: str | None) -> list[str]:
     """The models to benchmark: the ones asked for, else every registered model."""
     available = registry.names(kind=None)
     if not selected:
@@ -576,6 +578,15 @@ def trainable_models(selected: str | None) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(available)}")
     return wanted
+
+
+def untrainable_reason(name: str) -> str | None:
+    """Why model ``name`` has no training throughput (no weights to train), or None."""
+    info = registry.info(name)
+    model = registry.build(name, input_shape_for(name, info))
+    if not any(p.requires_grad for p in model.parameters()):
+        return f"{name}: not benchmarked (no trainable weights)"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -611,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
-    names = trainable_models(args.models)
+    names = chosen_models(args.models)
 
     worker, keras_versions, keras_note = None, {}, ""
     if args.no_keras:
@@ -626,14 +637,23 @@ def main(argv: list[str] | None = None) -> int:
             keras_versions = worker.ask("hello")
             log(f"Keras side: TensorFlow {keras_versions['tensorflow']}, "
                 f"Keras {keras_versions['keras']}")
-    results = []
+    results, skipped = [], []
     try:
         for name in names:
-            results.append(bench_model(name, variants, worker, args, log))
+            reason = untrainable_reason(name)
+            if reason is None:
+                try:
+                    results.append(bench_model(name, variants, worker, args, log))
+                    continue
+                except Exception as error:  # one broken model must not lose the others' rows
+                    reason = f"{name}: failed ({type(error).__name__}: {error})".splitlines()[0]
+            skipped.append(reason)
+            log(reason)
     finally:
         if worker is not None:
             worker.close()
-    text = report(results, variants, keras_versions, keras_note, args)
+    notes = [keras_note, *skipped] if keras_note else skipped
+    text = report(results, variants, keras_versions, notes, args)
     print(text)
     if not args.no_doc:
         path = update_doc_section(SECTION, text, args.doc, draft=args.draft)

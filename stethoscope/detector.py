@@ -23,7 +23,16 @@ from stethoscope.features import FeatureConfig, extract_features, load_feature_a
 from stethoscope.models import registry
 from stethoscope.scoring import Threshold, parse_threshold, pool_scores
 from stethoscope.storage import load_model, save_model
-from stethoscope.training import History, TrainConfig, fit, predict, seed_everything
+from stethoscope.training import (
+    History,
+    TrainConfig,
+    autocast_context,
+    fit,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    to_device,
+)
 
 DEFAULT_MODEL = "seed-conv-ae"
 _TRAIN_KEYS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "precision")
@@ -149,16 +158,38 @@ class Detector:
         if isinstance(X, str | Path) and str(X).endswith(".npy"):
             specs = load_feature_array(X, channels=config.channels, frames=config.frames)
             return specs, None
+        clips = self.find_recordings(X)
+        specs = extract_features([c.path for c in clips], config, cache_dir=self.cache_dir,
+                                 progress=self._show_progress())
+        return specs, clips
+
+    @staticmethod
+    def find_recordings(X: Inputs) -> list[Clip]:
+        """The clips that files, folders, list files or Clip objects stand for."""
         items = [X] if isinstance(X, str | Path | Clip) else list(X)
         if not items:
             raise DataError("no input recordings given")
         if all(isinstance(c, Clip) for c in items):
-            clips = list(items)
-        else:
-            clips = find_clips([c.path if isinstance(c, Clip) else c for c in items])
-        specs = extract_features([c.path for c in clips], config, cache_dir=self.cache_dir,
-                                 progress=self._show_progress())
-        return specs, clips
+            return list(items)
+        return find_clips([c.path if isinstance(c, Clip) else c for c in items])
+
+    @staticmethod
+    def _is_recordings(X: Inputs) -> bool:
+        return not isinstance(X, np.ndarray) and not (
+            isinstance(X, str | Path) and str(X).endswith(".npy"))
+
+    def iter_features(self, X: Inputs, chunk_clips: int = 256
+                      ) -> Iterator[tuple[np.ndarray, list[Clip] | None]]:
+        """Spectrograms chunk by chunk, so scoring a corpus larger than memory stays flat.
+
+        With a feature cache the whole corpus is one memory-mapped chunk."""
+        if not self._is_recordings(X) or self.cache_dir is not None:
+            yield self.load_features(X)
+            return
+        clips = self.find_recordings(X)
+        for start in range(0, len(clips), chunk_clips):
+            part = clips[start : start + chunk_clips]
+            yield self.load_features(part)[0], part
 
     @staticmethod
     def _array_features(X: np.ndarray, config: FeatureConfig) -> np.ndarray:
@@ -240,12 +271,21 @@ class Detector:
         if not hasattr(self, "model_"):
             raise RuntimeError("this Detector is not fitted yet; call fit() or Detector.load()")
 
+    @torch.no_grad()
     def iter_error_maps(self, specs: np.ndarray, batch_size: int = 32
                         ) -> Iterator[torch.Tensor]:
-        """Error maps ``(B, M', F')`` batch by batch, so memory stays flat for big corpora."""
-        return predict(self.model_, SpectrogramDataset(specs), batch_size=batch_size,
-                       device=self.device, precision=self.precision,
-                       fn=lambda model, x: model.error_map(x))
+        """Error maps ``(B, M', F')`` batch by batch, so memory stays flat for big corpora.
+
+        Slices the array directly (no DataLoader): one clip scores in about a millisecond."""
+        device = resolve_device(self.device)
+        dtype = resolve_precision(self.precision, device)
+        model = self.model_.eval().to(device).to(memory_format=torch.channels_last)
+        for start in range(0, len(specs), batch_size):
+            chunk = np.asarray(specs[start : start + batch_size], dtype=np.float32)
+            x = to_device(torch.from_numpy(chunk), device, channels_last=True)
+            with autocast_context(device, dtype):
+                maps = model.error_map(x)
+            yield maps.float().cpu()
 
     def _scores(self, specs: np.ndarray) -> np.ndarray:
         rule = self._pooling()
@@ -261,8 +301,9 @@ class Detector:
     def score_samples(self, X: Inputs) -> np.ndarray:
         """Anomaly score per clip (higher = more anomalous)."""
         self._check_fitted()
-        specs, clips = self.load_features(X)
-        return self.score_features(specs, _source_name(X, clips))
+        parts = [self.score_features(specs, _source_name(X, clips))
+                 for specs, clips in self.iter_features(X)]
+        return np.concatenate(parts)
 
     def decision_function(self, X: Inputs) -> np.ndarray:
         """Score minus threshold: positive means anomalous."""

@@ -15,6 +15,7 @@ import torch
 from stethoscope.datasets import groups_of, labels_of
 from stethoscope.detector import Detector, Inputs, SpectrogramDataset
 from stethoscope.errors import DataError
+from stethoscope.features import clip_features
 from stethoscope.metrics import evaluate
 from stethoscope.report import write_evaluation_report
 from stethoscope.storage import atomic_write_bytes
@@ -29,11 +30,11 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
     per-clip group values (e.g. simulated fault type) whose AUCs are added under
     ``metrics["by_<name>"]``.
     """
-    specs, clips = detector.load_features(data)
-    if clips is None:
+    if not detector._is_recordings(data):
         raise DataError("evaluation needs labelled recordings (MIMII or DCASE layout)")
+    clips = detector.find_recordings(data)
     labels = labels_of(clips)
-    scores = detector.score_features(specs, str(clips[0].path.parent))
+    scores = detector.score_samples(clips)
     sections, domains = groups_of(clips, "section"), groups_of(clips, "domain")
     metrics = evaluate(labels, scores, detector.threshold_.value_, sections=sections,
                        domains=domains)
@@ -44,8 +45,8 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
             report_dir, title=title or f"stethoscope evaluation: {detector.model}",
             scores=scores, threshold=detector.threshold_, clip_names=[c.path for c in clips],
             y_true=labels, sections=sections, domains=domains, metrics=metrics,
-            history=detector.history_, spectrograms=lambda i: np.asarray(specs[i]),
-            error_maps=lambda i: _error_map(detector, specs[i]),
+            history=detector.history_, spectrograms=lambda i: _spectrogram(detector, clips[i]),
+            error_maps=lambda i: _error_map(detector, _spectrogram(detector, clips[i])),
             model_description=_describe(detector))
     return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips}
 
@@ -61,6 +62,11 @@ def _group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> d
         auc, pauc = auc_pauc(labels[pick], scores[pick])
         out[str(group)] = {"auc": auc, "pauc": pauc, "n_anomalous": int((pick & ~normal).sum())}
     return out
+
+
+def _spectrogram(detector: Detector, clip) -> np.ndarray:
+    """One clip's features, computed on demand for the few clips a report shows."""
+    return clip_features(clip.path, detector.feature_config_)
 
 
 def _error_map(detector: Detector, spec: np.ndarray) -> np.ndarray:
