@@ -72,7 +72,7 @@ def _spectrogram(detector: Detector, clip) -> np.ndarray:
 def _error_map(detector: Detector, spec: np.ndarray) -> np.ndarray:
     batch = torch.from_numpy(np.array(spec, dtype=np.float32))[None]
     with torch.no_grad():
-        return detector.model_.error_map(batch)[0].float().numpy()
+        return detector.model_.explain(batch)[0].float().numpy()
 
 
 def _describe(detector: Detector) -> str:
@@ -91,9 +91,9 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
 
 
 def _require_autoencoder(detector: Detector) -> None:
-    model = detector.model_
-    if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
-        raise DataError(f"model {detector.model} has no encoder/decoder halves")
+    if not getattr(detector.model_, "is_autoencoder", False):
+        raise DataError(f"model {detector.model} is not an autoencoder: it has no "
+                        "encoder/decoder halves to run apart")
 
 
 def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> np.ndarray:

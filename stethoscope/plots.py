@@ -118,7 +118,7 @@ def plot_score_histogram(scores_normal: np.ndarray, scores_anomalous: np.ndarray
     if stats.get("value") is not None:
         ax.axvline(stats["value"], color=THRESHOLD_COLOR, linewidth=2,
                    label=f"threshold = {stats['value']:.4g}")
-    ax.set_xlabel("anomaly score (reconstruction error)")
+    ax.set_xlabel("anomaly score")
     ax.set_ylabel("clips")
     ax.set_title(title or "Scores of normal and anomalous clips")
     ax.legend()
@@ -240,7 +240,7 @@ def plot_error_maps(specs: Sequence[np.ndarray], error_maps: Sequence[np.ndarray
     for (ax_spec, ax_err), spec, err, title in zip(axes, specs, error_maps, titles,
                                                    strict=True):
         _show_map(fig, ax_spec, spec, f"{_fit_title(title)}\nlog-mel", "inferno", "log-mel")
-        _show_map(fig, ax_err, err, f"{_fit_title(title)}\nreconstruction error", "magma",
+        _show_map(fig, ax_err, err, f"{_fit_title(title)}\ndeviation from normal", "magma",
                   "squared error")
     if suptitle:
         fig.suptitle(suptitle)

@@ -348,7 +348,7 @@ def write_evaluation_report(
         report.add_text(model_description)
     report.add_text(f"{scores.size} clips scored; {int(predictions.sum())} flagged anomalous. "
                     f"Threshold: {threshold.describe()}. A clip is anomalous when its score "
-                    "(reconstruction error) is above the threshold.")
+                    "(how far it is from the normal training clips) is above the threshold.")
     with atomic_directory(directory) as tmp:
         figures = tmp / "figures"
 
@@ -432,8 +432,10 @@ def _add_clip_figures(report: Report, figure: Callable[[Figure, str, str], None]
             figure(plots.plot_error_maps(
                 [spec for _, spec, _ in pairs], [err for _, _, err in pairs],
                 [f"{_short(names[i])} (score {scores[i]:.3g})" for i, _, _ in pairs]),
-                "error_maps", "Left: log-mel spectrogram; right: squared reconstruction error "
-                "per band and frame. Bright areas are what the model could not reproduce.")
+                "error_maps", "Left: log-mel spectrogram; right: the model's deviation map per band "
+                "and frame (squared reconstruction error for autoencoders; squared z-score "
+                "against the normal clips for statistics models). Bright areas are where the "
+                "clip differs from what the model learned as normal.")
 
 
 def _add_top_clips_table(report: Report, scores: np.ndarray, predictions: np.ndarray,

@@ -113,3 +113,26 @@ def test_encoder_and_decoder_apart(fitted, valve_clips, tmp_path):
     assert outputs.shape[-2:] == (64, 312)
     with pytest.raises(DataError, match="do not fit the decoder"):
         decode(fitted, np.zeros((1, 3, 3), np.float32))
+
+
+def test_default_model_and_out_of_sample_threshold(valve_clips, tmp_path):
+    train, test = valve_clips
+    det = Detector(progress=False).fit(train)
+    assert det.model == "clip-stats" and "leave-one-clip-out" in det.threshold_source_
+    in_sample = det.score_samples(train)
+    # leave-one-out scores of the training clips are higher than their in-sample scores
+    assert det.train_scores_.mean() > in_sample.mean()
+    with pytest.raises(DataError, match="not an autoencoder"):
+        encode(det, test[:1])
+    report = evaluate_detector(det, test, report_dir=tmp_path / "r")
+    assert report["metrics"]["overall"]["auc"] is not None
+    assert (tmp_path / "r" / "figures" / "error_maps.png").stat().st_size > 10_000
+
+
+def test_trained_model_threshold_uses_validation_clips(dcase_valve):
+    clips = find_clips(dcase_valve / "train")[:20]
+    det = Detector("dcase-ae", epochs=1, val_fraction=0.5, progress=False).fit(clips)
+    assert det.threshold_source_ == "scores of the 10 held-out validation clips"
+    assert det.train_scores_.shape == (10,)
+    small = Detector("dcase-ae", epochs=1, progress=False).fit(clips[:8])
+    assert "in-sample" in small.threshold_source_ and small.train_scores_.shape == (8,)

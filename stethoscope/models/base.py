@@ -17,6 +17,7 @@ class SpectrogramModel(nn.Module):
     encoder: nn.Module
     decoder: nn.Module
     hparams: dict
+    is_autoencoder: bool = True  # False: encoder/decoder are identities (memory/statistics models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
@@ -35,6 +36,11 @@ class SpectrogramModel(nn.Module):
     def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training inputs and targets for a batch of spectrograms ``(B, C, M, F)``."""
         return spec, spec
+
+    def explain(self, spec: torch.Tensor) -> torch.Tensor:
+        """A time × frequency map ``(B, M', F')`` of where each clip deviates from normal,
+        for the report. Default: the error map itself."""
+        return self.error_map(spec)
 
     def error_map(self, spec: torch.Tensor) -> torch.Tensor:
         """Squared error per (mel, frame) cell, ``(B, M', F')``, averaged over channels."""

@@ -1,0 +1,156 @@
+"""Frame k-NN: distance of each window of frames to a memory bank of normal windows.
+
+No training. Every window of ``context`` consecutive log-mel frames (standardised per mel
+band) of the normal clips goes into a memory bank; a new window's score is its mean squared
+distance to its ``k`` nearest bank windows. Pooled with ``topk:0.1`` over time, a short new
+sound (a rattle, a knock) is not averaged away by the rest of the clip. A strong
+non-parametric baseline for sounds that are new; it cannot see a sound that is missing.
+
+The bank scores its own clips as perfect (distance 0), so :meth:`normal_scores` scores each
+training clip against the bank without that clip's own windows (leave-one-clip-out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from stethoscope.errors import DataError
+from stethoscope.models.base import SpectrogramModel
+from stethoscope.models.registry import register
+from stethoscope.scoring import pool_scores
+
+DEFAULT_MAX_BANK = 16384  # windows kept; more are subsampled (distance cost grows with it)
+QUERY_CHUNK = 2048  # query windows per distance matrix: bounds memory
+
+
+class FrameKNN(SpectrogramModel):
+    """Memory bank of standardised frame windows; error map = per-mel squared difference to
+    the nearest bank window, ``(B, M, F - context + 1)``."""
+
+    def __init__(self, input_shape: tuple[int, ...], context: int = 5, k: int = 1,
+                 max_bank: int = DEFAULT_MAX_BANK, bank_size: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        channels, mels, frames = (int(s) for s in input_shape) if len(input_shape) == 3 else (0, 0, 0)
+        if min(channels, mels) < 1 or frames < context or context < 1 or k < 1 or max_bank < 1:
+            raise DataError(f"frame-knn needs spectrograms (channels, mels, frames) with at "
+                            f"least context={context} frames, k >= 1 and max_bank >= 1; got "
+                            f"shape {tuple(input_shape)}, k={k}, max_bank={max_bank}")
+        self.input_shape = (channels, mels, frames)
+        self.context, self.k = int(context), int(k)
+        self.hparams = {"context": int(context), "k": int(k), "max_bank": int(max_bank),
+                        "bank_size": int(bank_size), "seed": int(seed)}
+        self.is_autoencoder = False
+        self.encoder = nn.Identity()  # not an autoencoder: kept so the model API is uniform
+        self.decoder = nn.Identity()
+        dim = channels * mels * context
+        self.register_buffer("mel_mean", torch.zeros(channels, mels, 1))
+        self.register_buffer("mel_std", torch.ones(channels, mels, 1))
+        self.register_buffer("bank", torch.zeros(int(bank_size), dim))
+        self.register_buffer("bank_clip", torch.zeros(int(bank_size), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ windows
+    def windows(self, spec: torch.Tensor) -> torch.Tensor:
+        """Standardised windows ``(B, W, C*M*context)`` of spectrograms ``(B, C, M, F)``."""
+        batch, channels, mels, frames = spec.shape
+        if (channels, mels) != self.input_shape[:2] or frames < self.context:
+            raise DataError(f"spectrograms of shape {tuple(spec.shape[1:])} do not fit "
+                            f"frame-knn built for {self.input_shape[:2]} (channels, mels) and "
+                            f"{self.context} frames a window")
+        z = (spec.float() - self.mel_mean) / self.mel_std
+        w = z.unfold(3, self.context, 1)  # (B, C, M, W, context)
+        return w.permute(0, 3, 1, 2, 4).reshape(batch, frames - self.context + 1, -1)
+
+    def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.windows(spec).flatten(0, 1)
+        return w, w
+
+    # ------------------------------------------------------------------ fitting
+    def before_training(self, specs) -> None:
+        """Per-(channel, mel) mean and standard deviation over all normal frames."""
+        total = np.zeros(self.input_shape[:2])
+        squares = np.zeros(self.input_shape[:2])
+        count = 0
+        for start in range(0, len(specs), 64):
+            chunk = np.asarray(specs[start:start + 64], dtype=np.float64)
+            total += chunk.sum(axis=(0, 3))
+            squares += (chunk**2).sum(axis=(0, 3))
+            count += chunk.shape[0] * chunk.shape[3]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        self.mel_mean.copy_(torch.from_numpy(mean[..., None]).float())
+        self.mel_std.copy_(torch.from_numpy(np.maximum(std, 1e-3)[..., None]).float())
+
+    def after_training(self, specs) -> None:
+        """Fill the memory bank with the normal windows (a random subset beyond max_bank)."""
+        windows, owners = [], []
+        for i in range(len(specs)):
+            w = self.windows(torch.from_numpy(np.array(specs[i:i + 1], dtype=np.float32)))[0]
+            windows.append(w)
+            owners.append(torch.full((len(w),), i, dtype=torch.int64))
+        bank, owner = torch.cat(windows), torch.cat(owners)
+        limit = self.hparams["max_bank"]
+        if len(bank) > limit:
+            generator = torch.Generator().manual_seed(self.hparams["seed"])
+            keep = torch.randperm(len(bank), generator=generator)[:limit].sort().values
+            bank, owner = bank[keep], owner[keep]
+        self.bank = bank.contiguous()
+        self.bank_clip = owner
+        self.hparams["bank_size"] = int(len(bank))
+
+    # ------------------------------------------------------------------ scoring
+    def _nearest(self, queries: torch.Tensor, exclude_clip: int | None = None) -> torch.Tensor:
+        """The mean of the k nearest bank windows of each query ``(Q, D) -> (Q, D)``."""
+        bank = self.bank.to(queries.device)
+        if exclude_clip is not None:
+            bank = bank[self.bank_clip.to(queries.device) != exclude_clip]
+        if len(bank) == 0:
+            raise DataError("frame-knn memory bank is empty; fit the model on normal clips first")
+        k = min(self.k, len(bank))
+        bank_norms = (bank * bank).sum(1)
+        out = []
+        for start in range(0, len(queries), QUERY_CHUNK):
+            q = queries[start:start + QUERY_CHUNK]
+            distance = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_norms
+            index = distance.topk(k, dim=1, largest=False).indices
+            out.append(bank[index].mean(1))
+        return torch.cat(out)
+
+    def _error_map(self, spec: torch.Tensor, exclude_clip: int | None = None) -> torch.Tensor:
+        batch, channels, mels, _ = spec.shape
+        w = self.windows(spec)
+        n = w.shape[1]
+        nearest = self._nearest(w.flatten(0, 1), exclude_clip).reshape(w.shape)
+        error = ((w - nearest) ** 2).reshape(batch, n, channels, mels, self.context)
+        return error.mean(dim=(2, 4)).transpose(1, 2)
+
+    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
+        """Per-mel squared difference of each window to its nearest normal windows,
+        averaged over channels and the window's frames: ``(B, M, F - context + 1)``."""
+        return self._error_map(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.error_map(x)
+
+    @torch.no_grad()
+    def normal_scores(self, specs, pooling: str = "topk:0.1") -> np.ndarray:
+        """Leave-one-clip-out scores of the training clips ``specs`` (in the order they were
+        given to :meth:`after_training`): each clip against the bank without its windows."""
+        maps = [self._error_map(torch.from_numpy(np.array(specs[i:i + 1], dtype=np.float32)),
+                                exclude_clip=i) for i in range(len(specs))]
+        return pool_scores(torch.cat(maps), pooling)
+
+
+@register(
+    "frame-knn",
+    description="No training: k-NN distance of each 5-frame window to a memory bank of "
+                "normal windows (per-mel standardised), mean of the top 10 % of frames.",
+    features={"n_mels": 64, "n_fft": 1024, "hop_length": 512},
+    scoring={"pooling": "topk:0.1"},
+)
+def build_frame_knn(input_shape: tuple[int, ...], context: int = 5, k: int = 1,
+                    max_bank: int = DEFAULT_MAX_BANK, bank_size: int = 0,
+                    seed: int = 0) -> FrameKNN:
+    return FrameKNN(input_shape, context=context, k=k, max_bank=max_bank,
+                    bank_size=bank_size, seed=seed)
