@@ -305,7 +305,7 @@ class Detector:
         dtype = resolve_precision(self.precision, device)
         model = self.model_.eval().to(device).to(memory_format=torch.channels_last)
         for start in range(0, len(specs), batch_size):
-            chunk = np.asarray(specs[start : start + batch_size], dtype=np.float32)
+            chunk = np.array(specs[start : start + batch_size], dtype=np.float32)
             x = to_device(torch.from_numpy(chunk), device, channels_last=True)
             with autocast_context(device, dtype):
                 maps = model.error_map(x)

@@ -241,7 +241,7 @@ def plot_error_maps(specs: Sequence[np.ndarray], error_maps: Sequence[np.ndarray
                                                    strict=True):
         _show_map(fig, ax_spec, spec, f"{_fit_title(title)}\nlog-mel", "inferno", "log-mel")
         _show_map(fig, ax_err, err, f"{_fit_title(title)}\ndeviation from normal", "magma",
-                  "squared error")
+                  "squared deviation")
     if suptitle:
         fig.suptitle(suptitle)
     return fig

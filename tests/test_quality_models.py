@@ -248,3 +248,23 @@ def test_time_quantiles_match_numpy():
     expected = np.quantile(values.astype(np.float64), levels, axis=-1)
     for got, want in zip(time_quantiles(values, levels), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_rhythm_statistics_see_timing_not_phase():
+    import torch
+
+    from stethoscope.errors import DataError
+    from stethoscope.models import build
+    from stethoscope.models.clip_stats import rhythm_stats
+
+    def clicks(period: int, offset: int) -> torch.Tensor:
+        spec = torch.full((1, 1, 8, 400), -60.0)
+        spec[..., offset::period] = -10.0
+        return spec
+
+    same_period = rhythm_stats(clicks(40, 0)) - rhythm_stats(clicks(40, 17))
+    other_period = rhythm_stats(clicks(40, 0)) - rhythm_stats(clicks(55, 0))
+    assert same_period.abs().max() < 0.1 < other_period.abs().max()
+    model = build("clip-stats-rhythm", (1, 8, 400))
+    with pytest.raises(DataError, match="too short"):
+        model.error_map(torch.zeros(1, 1, 8, 100))
