@@ -407,3 +407,16 @@ def test_replot_of_an_in_memory_run_asks_for_the_data(tmp_path: Path, mnist_smal
     with pytest.raises(DataError, match="trained on arrays in memory; pass the MNIST data"):
         replot(run)
     assert len(replot(run, data=arrays)) == 2
+
+
+@pytest.mark.slow
+def test_the_ci_lab_command(tmp_path, mnist_npz):
+    """`stethoscope lab all --epochs 1 --subset 2000 --data mnist.npz` end to end."""
+    from stethoscope.cli import main
+
+    out = tmp_path / "lab"
+    assert main(["lab", "all", "--epochs", "1", "--subset", "2000", "--data", str(mnist_npz),
+                 "--out", str(out)]) == 0
+    for experiment in ("cnn-overfit", "dropout", "dense-ae", "conv-ae"):
+        assert (out / experiment / "results.json").is_file(), experiment
+    assert "overfit" in (out / "report.md").read_text().lower()
