@@ -9,7 +9,9 @@ array([0])
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from stethoscope.training import (
 )
 
 DEFAULT_MODEL = "clip-stats"  # best across the data measured: docs/quality.md
+LARGE_CORPUS_CLIPS = 1000  # beyond this, training features are memory-mapped from disk
 MIN_VALIDATION_CLIPS = 10  # fewer held-out clips give a threshold too noisy to trust
 _TRAIN_KEYS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "precision")
 
@@ -162,10 +165,12 @@ class Detector:
         return _progress_default() if self.progress is None else self.progress
 
     # ---------------------------------------------------------------- inputs
-    def load_features(self, X: Inputs, config: FeatureConfig | None = None
+    def load_features(self, X: Inputs, config: FeatureConfig | None = None, *,
+                      cache_dir: str | Path | None = None
                       ) -> tuple[np.ndarray, list[Clip] | None]:
         """Turn recordings (files, folders, Clips), a ``.npy`` path or an array into
-        spectrograms ``(N, C, M, F)`` plus the clips they came from (None for arrays)."""
+        spectrograms ``(N, C, M, F)`` plus the clips they came from (None for arrays).
+        ``cache_dir`` overrides the detector's feature cache for this call."""
         config = config or getattr(self, "feature_config_", None) or self._feature_config()
         if isinstance(X, np.ndarray):
             return self._array_features(X, config), None
@@ -173,7 +178,8 @@ class Detector:
             specs = load_feature_array(X, channels=config.channels, frames=config.frames)
             return specs, None
         clips = self.find_recordings(X)
-        specs = extract_features([c.path for c in clips], config, cache_dir=self.cache_dir,
+        specs = extract_features([c.path for c in clips], config,
+                                 cache_dir=cache_dir or self.cache_dir,
                                  progress=self._show_progress())
         return specs, clips
 
@@ -233,7 +239,24 @@ class Detector:
     def fit(self, X: Inputs, y: np.ndarray | None = None) -> Detector:
         """Train on normal recordings ``X`` (labels ``y``, if given, must all be normal)."""
         self.feature_config_ = self._feature_config()
-        specs, clips = self.load_features(X, self.feature_config_)
+        if self._is_recordings(X):
+            X = self.find_recordings(X)  # resolve folders once
+        with self._scratch_cache(X) as scratch:
+            specs, clips = self.load_features(X, self.feature_config_, cache_dir=scratch)
+            return self._fit_features(specs, clips, y)
+
+    def _scratch_cache(self, X: Inputs):
+        """A temporary on-disk feature cache for large corpora when the user set none, so
+        training memory stays flat in the number of clips (features are memory-mapped)."""
+        large = (self.cache_dir is None and self._is_recordings(X)
+                 and len(X) > LARGE_CORPUS_CLIPS)
+        if large:
+            return tempfile.TemporaryDirectory(prefix="stethoscope-features-")
+        return nullcontext(None)
+
+    def _fit_features(self, specs: np.ndarray, clips: list[Clip] | None,
+                      y: np.ndarray | None) -> Detector:
+        """Training proper, once the features are at hand (possibly memory-mapped)."""
         self._reject_anomalies(clips, y)
         if len(specs) < 2:
             raise DataError(f"need at least 2 normal clips to train, got {len(specs)}")

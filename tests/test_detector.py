@@ -136,3 +136,25 @@ def test_trained_model_threshold_uses_validation_clips(dcase_valve):
     assert det.train_scores_.shape == (10,)
     small = Detector("dcase-ae", epochs=1, progress=False).fit(clips[:8])
     assert "in-sample" in small.threshold_source_ and small.train_scores_.shape == (8,)
+
+
+def test_large_corpora_train_from_a_memory_mapped_scratch_cache(valve_clips, monkeypatch):
+    import stethoscope.detector as detector_module
+
+    train, _ = valve_clips
+    monkeypatch.setattr(detector_module, "LARGE_CORPUS_CLIPS", 5)
+    seen = {}
+    original = Detector._fit_features
+
+    def spy(self, specs, clips, y):
+        seen["memmap"] = isinstance(specs, np.memmap)
+        return original(self, specs, clips, y)
+
+    monkeypatch.setattr(Detector, "_fit_features", spy)
+    big = Detector(progress=False).fit(train)
+    assert seen["memmap"]
+    small = Detector(progress=False, cache_dir=None)
+    monkeypatch.setattr(detector_module, "LARGE_CORPUS_CLIPS", 1000)
+    small.fit(train)
+    assert not seen["memmap"]
+    assert np.allclose(big.score_samples(train[:3]), small.score_samples(train[:3]))

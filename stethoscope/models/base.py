@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def per_mel_mean_std(specs, chunk_clips: int = 64, min_std: float = 1e-6
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of every (channel, mel) band over all frames of all
+    clips ``(N, C, M, F)``, as ``(C, M, 1)`` float32 tensors; reads ``chunk_clips`` clips at a
+    time so a memory-mapped corpus is never loaded whole."""
+    total = squares = None
+    count = 0
+    for start in range(0, len(specs), chunk_clips):
+        chunk = np.asarray(specs[start:start + chunk_clips], dtype=np.float64)
+        part, part_sq = chunk.sum(axis=(0, 3)), (chunk**2).sum(axis=(0, 3))
+        total = part if total is None else total + part
+        squares = part_sq if squares is None else squares + part_sq
+        count += chunk.shape[0] * chunk.shape[3]
+    if count == 0:
+        raise ValueError("no spectrograms to compute per-mel statistics on")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return (torch.from_numpy(mean[..., None]).float(),
+            torch.from_numpy(np.maximum(std, min_std)[..., None]).float())
 
 
 class SpectrogramModel(nn.Module):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stethoscope.errors import DataError
-from stethoscope.models.base import SpectrogramModel
+from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
 from stethoscope.models.registry import register
 from stethoscope.scoring import pool_scores
 
@@ -227,19 +227,10 @@ class ClipStatsGaussian(SpectrogramModel):
         self._fit_frame_profile(specs)
 
     def _fit_frame_profile(self, specs) -> None:
-        """Per-mel mean and std over every frame of the normal clips, read in chunks."""
-        total = torch.zeros_like(self.frame_mean, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        count = 0
-        for start in range(0, len(specs), CHUNK):
-            chunk = torch.from_numpy(np.array(specs[start:start + CHUNK], dtype=np.float64))
-            total += chunk.sum((0, 3))[..., None]
-            total_sq += (chunk**2).sum((0, 3))[..., None]
-            count += chunk.shape[0] * chunk.shape[3]
-        mean = total / count
-        std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-        self.frame_mean.copy_(mean.float())
-        self.frame_std.copy_(std.float())
+        """Per-mel mean and std over every frame of the normal clips."""
+        mean, std = per_mel_mean_std(specs, CHUNK)
+        self.frame_mean.copy_(mean)
+        self.frame_std.copy_(std)
 
     def explain(self, spec: torch.Tensor) -> torch.Tensor:
         """Squared z-score of every (mel, frame) cell against the normal frames' per-mel

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-import numpy as np
 import torch
 from torch import nn
 
 from stethoscope.errors import DataError
-from stethoscope.models.base import SpectrogramModel
+from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
 from stethoscope.models.registry import register
 
 
@@ -53,18 +52,9 @@ class IDNN(SpectrogramModel):
 
     def before_training(self, specs) -> None:
         """Per-(channel, mel) mean and standard deviation over all normal frames."""
-        total = np.zeros(self.input_shape[:2])
-        squares = np.zeros(self.input_shape[:2])
-        count = 0
-        for start in range(0, len(specs), 64):
-            chunk = np.asarray(specs[start:start + 64], dtype=np.float64)
-            total += chunk.sum(axis=(0, 3))
-            squares += (chunk**2).sum(axis=(0, 3))
-            count += chunk.shape[0] * chunk.shape[3]
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-        self.mel_mean.copy_(torch.from_numpy(mean[..., None]).float())
-        self.mel_std.copy_(torch.from_numpy(np.maximum(std, 1e-3)[..., None]).float())
+        mean, std = per_mel_mean_std(specs, min_std=1e-3)
+        self.mel_mean.copy_(mean)
+        self.mel_std.copy_(std)
 
     def _windows(self, spec: torch.Tensor) -> torch.Tensor:
         """Standardised windows ``(B, W, context, C*M)``."""
