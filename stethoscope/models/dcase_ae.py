@@ -92,7 +92,9 @@ def check_input_shape(input_shape: tuple[int, ...], frames: int) -> tuple[int, i
                 "128-mel frames (640 → 8 → 640), scored by mean window MSE.",
     features={"n_mels": 128, "n_fft": 1024, "hop_length": 512, "power": 2.0},
     # Baseline YAML: 100 epochs, 256 windows a step, Adam lr 1e-3, no early stopping.
-    training={"epochs": 100, "batch_size": 8, "example_batch_size": 256, "lr": 1e-3,
+    # 64 clips per load, shuffled into steps of 256 windows: close to the baseline's global
+    # frame shuffle (8 clips per load gave AUC 0.448 on the DCASE 2023 valve, 64 gave 0.543)
+    training={"epochs": 100, "batch_size": 64, "example_batch_size": 256, "lr": 1e-3,
               "patience": None},
     scoring={"pooling": "mean"},
 )
