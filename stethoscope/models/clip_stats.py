@@ -287,19 +287,22 @@ def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return tuple(int(s) for s in input_shape)
 
 
+# hop 256 (16 ms): a click is shorter than one 32 ms hop; finer frames keep its peak
+CLIP_STATS_FEATURES = {"n_mels": 64, "n_fft": 1024, "hop_length": 256}
+CLIP_STATS_SCORING = {"pooling": "max"}  # a clip is as unusual as its most unusual expert
+
+
 @register(
     "clip-stats",
     description="No training: Ledoit-Wolf Mahalanobis distance of per-clip log-mel "
                 "statistics (stationary spectrum; transient peaks above the clip's own "
                 "background) to the normal clips; max of the two z-scores.",
-    # hop 256 (16 ms): a click is shorter than one 32 ms hop; finer frames keep its peak
-    features={"n_mels": 64, "n_fft": 1024, "hop_length": 256},
-    scoring={"pooling": "max"},
+    features=CLIP_STATS_FEATURES,
+    scoring=CLIP_STATS_SCORING,
 )
 def build_clip_stats(input_shape: tuple[int, ...],
                      experts: tuple[str, ...] | list[str] = EXPERTS) -> ClipStatsGaussian:
     return ClipStatsGaussian(input_shape, experts=experts)
-
 
 
 @register(
@@ -307,8 +310,8 @@ def build_clip_stats(input_shape: tuple[int, ...],
     description="clip-stats plus a rhythm expert (autocorrelation of the loudness envelope) "
                 "for machines whose faults change timing: slide rails, valves with late or "
                 "missing strokes. Costs 0.05 AUC on the real DCASE valve (docs/quality.md).",
-    features={"n_mels": 64, "n_fft": 1024, "hop_length": 256},
-    scoring={"pooling": "max"},
+    features=CLIP_STATS_FEATURES,
+    scoring=CLIP_STATS_SCORING,
 )
 def build_clip_stats_rhythm(input_shape: tuple[int, ...],
                             experts: tuple[str, ...] | list[str] = (*EXPERTS, "rhythm")
