@@ -235,29 +235,13 @@ def _is_lab_model(path: Path) -> bool:
     return False
 
 
-def _load_npy(path: Path):
-    import numpy as np
-
-    from stethoscope.errors import DataError
-
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read the array ({err})", path) from None
-
-
-def _save_npy(path: Path, array) -> None:
-    from stethoscope.evaluation import save_npy
-
-    save_npy(path, array)
-
-
 def _cmd_encode(args: argparse.Namespace) -> int:
     if _is_lab_model(args.model):
+        from stethoscope.evaluation import load_npy, save_npy
         from stethoscope.lab import encode as lab_encode
 
-        codes = lab_encode(args.model, _load_npy(Path(args.inputs[0])))
-        _save_npy(args.out, codes)
+        codes = lab_encode(args.model, load_npy(Path(args.inputs[0])))
+        save_npy(args.out, codes)
     else:
         from stethoscope.evaluation import encode
 
@@ -268,10 +252,11 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_decode(args: argparse.Namespace) -> int:
     if _is_lab_model(args.model):
+        from stethoscope.evaluation import load_npy, save_npy
         from stethoscope.lab import decode as lab_decode
 
-        outputs = lab_decode(args.model, _load_npy(args.codes))
-        _save_npy(args.out, outputs)
+        outputs = lab_decode(args.model, load_npy(args.codes))
+        save_npy(args.out, outputs)
     else:
         from stethoscope.evaluation import decode
 

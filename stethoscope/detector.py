@@ -45,7 +45,9 @@ Inputs = str | Path | Sequence[str | Path] | Sequence[Clip] | np.ndarray
 
 
 class SpectrogramDataset(Dataset):
-    """Clips of a (possibly memory-mapped) ``(N, C, M, F)`` array, copied one at a time."""
+    """Rows ``indices`` of a (possibly memory-mapped) ``(N, C, M, F)`` array, read lazily:
+    an int gives one clip as a tensor (for the DataLoader in training), a slice gives a
+    batch as an array (for scoring, which slices like an array)."""
 
     def __init__(self, specs: np.ndarray, indices: Sequence[int] | None = None) -> None:
         self.specs = specs
@@ -54,21 +56,10 @@ class SpectrogramDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.specs[self.indices[i]], dtype=np.float32))
-
-
-class SpectrogramSubset:
-    """Rows ``indices`` of a (memory-mapped) array, sliceable like an array, read lazily."""
-
-    def __init__(self, specs: np.ndarray, indices: Sequence[int]) -> None:
-        self.specs, self.indices = specs, np.asarray(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: slice) -> np.ndarray:
-        return np.asarray(self.specs[self.indices[item]])
+    def __getitem__(self, item: int | slice) -> torch.Tensor | np.ndarray:
+        if isinstance(item, slice):
+            return np.asarray(self.specs[self.indices[item]])
+        return torch.from_numpy(np.array(self.specs[self.indices[item]], dtype=np.float32))
 
 
 def _progress_default() -> bool:
@@ -309,7 +300,7 @@ class Detector:
                               dtype=np.float64)
         if len(val_idx) >= MIN_VALIDATION_CLIPS:
             self.threshold_source_ = f"scores of the {len(val_idx)} held-out validation clips"
-            return self._scores(SpectrogramSubset(specs, val_idx))
+            return self._scores(SpectrogramDataset(specs, val_idx))
         self.threshold_source_ = "in-sample scores of the training clips (optimistic)"
         return self._scores(specs)
 
@@ -319,9 +310,10 @@ class Detector:
             raise RuntimeError("this Detector is not fitted yet; call fit() or Detector.load()")
 
     @torch.no_grad()
-    def iter_error_maps(self, specs: np.ndarray, batch_size: int = 32
-                        ) -> Iterator[torch.Tensor]:
-        """Error maps ``(B, M', F')`` batch by batch, so memory stays flat for big corpora.
+    def iter_batches(self, specs: np.ndarray, fn, batch_size: int = 32
+                     ) -> Iterator[torch.Tensor]:
+        """``fn(model, x)`` for batches of spectrograms, on the detector's device and
+        precision, as float32 CPU tensors; memory stays flat for big corpora.
 
         Slices the array directly (no DataLoader): one clip scores in about a millisecond."""
         device = resolve_device(self.device)
@@ -331,8 +323,13 @@ class Detector:
             chunk = np.array(specs[start : start + batch_size], dtype=np.float32)
             x = to_device(torch.from_numpy(chunk), device, channels_last=True)
             with autocast_context(device, dtype):
-                maps = model.error_map(x)
-            yield maps.float().cpu()
+                out = fn(model, x)
+            yield out.float().cpu()
+
+    def iter_error_maps(self, specs: np.ndarray, batch_size: int = 32
+                        ) -> Iterator[torch.Tensor]:
+        """Error maps ``(B, M', F')`` batch by batch."""
+        return self.iter_batches(specs, lambda model, x: model.error_map(x), batch_size)
 
     def _scores(self, specs: np.ndarray) -> np.ndarray:
         rule = self._pooling()

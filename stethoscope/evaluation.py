@@ -7,19 +7,19 @@ scores, :mod:`metrics` counts, :mod:`report` draws.
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stethoscope.datasets import groups_of, labels_of
-from stethoscope.detector import Detector, Inputs, SpectrogramDataset
+from stethoscope.detector import Detector, Inputs
 from stethoscope.errors import DataError
 from stethoscope.features import clip_features
 from stethoscope.metrics import evaluate
 from stethoscope.report import write_evaluation_report
 from stethoscope.storage import atomic_write_bytes
-from stethoscope.training import predict
 
 
 def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Path | None = None,
@@ -41,12 +41,13 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
     for name, values in (extra_groups or {}).items():
         metrics[f"by_{name}"] = _group_aucs(labels, scores, np.asarray(values))
     if report_dir is not None:
+        spectrogram = lru_cache(maxsize=None)(lambda i: _spectrogram(detector, clips[i]))
         write_evaluation_report(
             report_dir, title=title or f"stethoscope evaluation: {detector.model}",
             scores=scores, threshold=detector.threshold_, clip_names=[c.path for c in clips],
             y_true=labels, sections=sections, domains=domains, metrics=metrics,
-            history=detector.history_, spectrograms=lambda i: _spectrogram(detector, clips[i]),
-            error_maps=lambda i: _error_map(detector, _spectrogram(detector, clips[i])),
+            history=detector.history_, spectrograms=spectrogram,
+            error_maps=lambda i: _error_map(detector, spectrogram(i)),
             model_description=_describe(detector))
     return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips}
 
@@ -83,6 +84,14 @@ def _describe(detector: Detector) -> str:
             f"clip score = {detector._pooling()} of the reconstruction error map.")
 
 
+def load_npy(path: str | Path) -> np.ndarray:
+    """Read a ``.npy`` array (never unpickles), or a one-line error naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the array ({err})", path) from None
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Write ``array`` as ``.npy`` atomically."""
     buffer = io.BytesIO()
@@ -102,9 +111,7 @@ def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> n
     specs, clips = detector.load_features(data)
     detector._check_fitted()
     detector._check_shape(specs, str(clips[0].path.parent) if clips else "input")
-    model = detector.model_
-    parts = predict(model, SpectrogramDataset(specs), device=detector.device,
-                    fn=lambda m, x: m.encoder(m.make_examples(x)[0]))
+    parts = detector.iter_batches(specs, lambda m, x: m.encoder(m.make_examples(x)[0]))
     codes = torch.cat(list(parts)).numpy()
     if out is not None:
         save_npy(out, codes)
@@ -117,10 +124,7 @@ def decode(detector: Detector, codes: str | Path | np.ndarray, out: str | Path |
     _require_autoencoder(detector)
     source = str(codes) if not isinstance(codes, np.ndarray) else "codes array"
     if not isinstance(codes, np.ndarray):
-        try:
-            codes = np.load(codes, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read codes ({err})", source) from None
+        codes = load_npy(codes)
     model = detector.model_
     try:
         with torch.no_grad():
