@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from stethoscope import training  # noqa: E402
-from stethoscope.models import registry  # noqa: E402
+from stethoscope.models import layers, registry  # noqa: E402
 
 SECTION = "train_throughput"
 VENV = REPO / "benchmarks" / ".venv-tf"
@@ -184,7 +184,7 @@ def leaf_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module,
         lambda mod, inp, out: calls.append((mod, tuple(inp[0].shape), tuple(out.shape))))
         for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), layers.unfused():  # every layer's hook fires
             model.eval()(example)
     finally:
         for hook in hooks:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stethoscope import __version__
 from stethoscope.errors import StethoscopeError
+from stethoscope.runtime import keep_freed_memory
 
 EXIT_OK, EXIT_ANOMALY, EXIT_ERROR = 0, 1, 2
 
@@ -285,6 +286,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 anomaly found by `score`, 2 error)."""
     args = _build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except StethoscopeError as err:

@@ -9,6 +9,7 @@ arrays (as in the course notebook) load through :func:`load_feature_array`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +31,10 @@ from torch import nn
 
 from stethoscope.audio import parse_channels, read_wav
 from stethoscope.errors import AudioError, DataError
+from stethoscope.runtime import keep_freed_memory
 
 CACHE_VERSION = 1  # bump when the features computed for a given config change
 CLIPS_PER_CHUNK = 16  # clips read and transformed together: bounds memory, keeps BLAS busy
-ROWS_PER_STFT = 4  # waveforms per torch.stft call: measured fastest (stays in cache)
 MELS_PER_BLOCK = 16  # mel bands per dense block of the sparse filter bank
 
 
@@ -175,50 +177,117 @@ class LogMel(nn.Module):
 
     librosa's conventions: centred frames padded with zeros (librosa >= 0.10 default
     ``pad_mode="constant"``), periodic Hann window, Slaney mel bank, ``power`` spectrogram
-    and ``10 * log10(mel + eps)``. ``frames = 1 + n // hop_length``. Many clips go through
-    in one call, ``ROWS_PER_STFT`` waveforms at a time so memory stays bounded.
+    and ``10 * log10(mel + eps)``. ``frames = 1 + n // hop_length``. A feature extractor,
+    not a layer: no gradients flow through it.
+
+    Fast on CPU because (each measured, docs/benchmarks.md): one clip at a time goes
+    through reused per-thread buffers (no large allocation per call); frames are cut with
+    ``unfold`` and transformed with ``rfft`` (6x cheaper than ``torch.stft`` here); the
+    squared real and imaginary parts meet an interleaved copy of the mel bank, so the
+    power sum happens inside the matrix product; and several clips go to as many worker
+    threads, each with one torch thread, since torch's own threads scale poorly on one
+    clip's small FFTs and products.
     """
 
     def __init__(self, config: FeatureConfig | None = None, **overrides) -> None:
         super().__init__()
+        keep_freed_memory()
         self.config = (config or FeatureConfig()).replace(**overrides)
         cfg = self.config
         bank = mel_filter_bank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
         self.register_buffer("window", torch.hann_window(cfg.n_fft, periodic=True),
                              persistent=False)
-        self.register_buffer("bank", torch.from_numpy(bank), persistent=False)
+        interleaved = cfg.power == 2.0  # weights repeated for the real and imaginary parts
         self._blocks = []
         for i, (m0, m1, k0, k1, weights) in enumerate(_band_blocks(bank, MELS_PER_BLOCK)):
-            self.register_buffer(f"block_{i}", torch.from_numpy(weights), persistent=False)
+            if interleaved:
+                weights, k0, k1 = np.repeat(weights, 2, axis=0), 2 * k0, 2 * k1
+            self.register_buffer(f"block_{i}", torch.from_numpy(weights.T.copy()),
+                                 persistent=False)
             self._blocks.append((m0, m1, k0, k1))
+        self._workspaces = threading.local()
 
     def frames_for(self, n_samples: int) -> int:
         return 1 + n_samples // self.config.hop_length
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         lead, n = wave.shape[:-1], wave.shape[-1]
-        rows = wave.reshape(-1, n).to(self.window.dtype)
+        rows = wave.detach().reshape(-1, n).to(self.window.dtype)
         out = torch.empty(rows.shape[0], self.config.n_mels, self.frames_for(n),
                           dtype=rows.dtype, device=rows.device)
-        for start in range(0, rows.shape[0], ROWS_PER_STFT):
-            out[start:start + ROWS_PER_STFT] = self._log_mel(rows[start:start + ROWS_PER_STFT])
+        workers = min(torch.get_num_threads(), rows.shape[0])
+        if rows.device.type != "cpu" or workers < 2:
+            self._log_mel_rows(rows, out, range(rows.shape[0]))
+        else:
+            with _one_torch_thread():
+                pool = _worker_pool(workers)
+                jobs = [pool.submit(self._log_mel_rows, rows, out,
+                                    range(k, rows.shape[0], workers)) for k in range(workers)]
+                for job in jobs:
+                    job.result()
         return out.reshape(*lead, self.config.n_mels, out.shape[-1])
 
-    def _log_mel(self, rows: torch.Tensor) -> torch.Tensor:
+    def _log_mel_rows(self, rows: torch.Tensor, out: torch.Tensor, indices: range) -> None:
+        """Write the log-mel of ``rows[i]`` into ``out[i]`` for each index, in this thread's
+        reused buffers."""
         cfg = self.config
-        spec = torch.stft(rows, cfg.n_fft, cfg.hop_length, window=self.window, center=True,
-                          pad_mode="constant", return_complex=True)
-        spec = spec.transpose(-1, -2)  # (B, frames, bins): torch's own memory order
-        power = self._power(spec)
-        mel = torch.cat([power[..., k0:k1] @ getattr(self, f"block_{i}")
-                         for i, (_, _, k0, k1) in enumerate(self._blocks)], dim=-1)
-        return mel.add_(cfg.eps).log10_().mul_(10.0).transpose(-1, -2)
+        n, half = rows.shape[-1], cfg.n_fft // 2
+        blocks = [(m0, m1, k0, k1, getattr(self, f"block_{i}"))
+                  for i, (m0, m1, k0, k1) in enumerate(self._blocks)]
+        with torch.inference_mode():  # thread-local: worker threads must enter it too
+            padded, frames, spectrum = self._workspace(n, rows.device)
+            framed = padded.unfold(0, cfg.n_fft, cfg.hop_length)  # a view: no copy
+            for i in indices:
+                padded[half:half + n].copy_(rows[i])
+                torch.mul(framed, self.window, out=frames)
+                torch.fft.rfft(frames, out=spectrum)
+                power = self._power(spectrum)
+                target = out[i]
+                for m0, m1, k0, k1, weights in blocks:
+                    torch.matmul(weights, power[:, k0:k1].T, out=target[m0:m1])
+                target.add_(cfg.eps).log10_().mul_(10.0)
 
-    def _power(self, spec: torch.Tensor) -> torch.Tensor:
+    def _workspace(self, n: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This thread's padded-signal, frame and spectrum buffers for ``n`` samples."""
+        key = (n, str(device))
+        cached = getattr(self._workspaces, "buffers", None)
+        if cached is None or cached[0] != key:
+            cfg = self.config
+            count = self.frames_for(n)
+            cached = (key, (
+                torch.zeros(n + cfg.n_fft, device=device),  # zero padding stays zero
+                torch.empty(count, cfg.n_fft, device=device),
+                torch.empty(count, cfg.n_fft // 2 + 1, dtype=torch.complex64, device=device)))
+            self._workspaces.buffers = cached
+        return cached[1]
+
+    def _power(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """``|X|^2`` as interleaved squares ``(frames, 2*bins)`` (summed by the product),
+        else ``|X|^power`` ``(frames, bins)``."""
         if self.config.power == 2.0:
-            parts = torch.view_as_real(spec)
-            return torch.mul(parts[..., 0], parts[..., 0]).addcmul_(parts[..., 1], parts[..., 1])
-        return spec.abs().pow_(self.config.power)
+            return torch.view_as_real(spectrum).square_().flatten(-2)
+        return spectrum.abs().pow_(self.config.power)
+
+
+_THREAD_COUNT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, then restore the previous count."""
+    with _THREAD_COUNT_LOCK:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="stethoscope-logmel")
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from stethoscope.runtime import keep_freed_memory
+
 Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -254,6 +256,7 @@ def fit(
     stacked frames. ``metrics`` maps a name to ``fn(outputs, targets) -> float``, averaged
     over examples and reported as ``name`` and ``val_name`` beside ``loss``/``val_loss``.
     """
+    keep_freed_memory()
     config = config or TrainConfig()
     loss_fn = loss_fn or nn.functional.mse_loss
     metrics = metrics or {}
@@ -360,6 +363,7 @@ def predict(
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterable[torch.Tensor]:
     """Yield ``fn(model, x)`` (default ``model(x)``) batch by batch, on CPU, in data order."""
+    keep_freed_memory()
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_precision(precision, device)
     model.eval().to(device)

@@ -65,6 +65,26 @@ def test_same_seed_twice_gives_identical_scores(valve_clips):
     assert np.array_equal(a.score_samples(test[:4]), b.score_samples(test[:4]))
 
 
+def test_bf16_scores_stay_within_tolerance_of_fp32(fitted, valve_clips):
+    """The benchmarks' fastest variant (bf16 autocast) must not change what is flagged."""
+    from scipy.stats import spearmanr
+
+    from stethoscope.training import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")
+    train, test = valve_clips
+    clips = train + test
+    fp32 = fitted.score_samples(clips)
+    fitted.precision = "bf16"
+    try:
+        bf16 = fitted.score_samples(clips)
+    finally:
+        fitted.precision = "fp32"
+    assert np.abs(bf16 - fp32).max() <= 0.03 * np.abs(fp32).max()
+    assert spearmanr(bf16, fp32).statistic > 0.95
+
+
 def test_arrays_in_and_shape_mismatch(fitted):
     rng = np.random.default_rng(0)
     specs = rng.normal(-40, 5, size=(3, 64, 313)).astype(np.float32)  # cropped to 312

@@ -81,13 +81,44 @@ def test_mel_filter_bank_matches_librosa(settings):
 
 def test_batched_equals_one_at_a_time():
     torch.manual_seed(0)
-    waves = 0.1 * torch.randn(3, 4, 8000)  # 12 rows: more than one STFT chunk
+    waves = 0.1 * torch.randn(3, 4, 8000)  # 12 rows over the worker threads
     module = LogMel(FeatureConfig(n_mels=32))
     with torch.inference_mode():
         batched = module(waves)
         single = torch.stack([torch.stack([module(w) for w in clip]) for clip in waves])
     assert batched.shape == (3, 4, 32, 1 + 8000 // 512)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-4)
+
+
+def test_worker_threads_match_one_thread_and_restore_the_thread_count():
+    torch.manual_seed(0)
+    waves = 0.1 * torch.randn(5, 16000)
+    module = LogMel(FeatureConfig(n_mels=40, power=1.0))  # the |X|^power path too
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded = module(waves)  # clips spread over two worker threads
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        alone = module(waves)  # one clip after another in this thread
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(threaded, alone, rtol=0, atol=1e-5)
+    assert not threaded.requires_grad and not threaded.is_inference()
+
+
+def test_concurrent_callers_get_their_own_buffers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = LogMel(FeatureConfig(n_mels=32))
+    rng = np.random.default_rng(0)
+    waves = [torch.from_numpy(0.1 * rng.standard_normal((3, 8000 + 512 * k)).astype(np.float32))
+             for k in range(4)]
+    expected = [module(w) for w in waves]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(module, waves * 3))
+    for got, want in zip(results, expected * 3, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_frame_count_and_logmel_of_1d_wave():

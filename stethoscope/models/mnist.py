@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stethoscope.models.layers import Dropout
 from stethoscope.models.registry import register
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -49,20 +50,20 @@ class MnistCNN(nn.Sequential):
         # In-place ReLUs: batches of 1000 make 256-channel activations ~0.7 GB a copy.
         layers: list[tuple[str, nn.Module]] = []
         if dropout == "input":
-            layers.append(("input_dropout", nn.Dropout(rate)))
+            layers.append(("input_dropout", Dropout(rate)))
         layers += [
             ("conv1", nn.Conv2d(1, 256, 3)),  # 'valid': 28 → 26
             ("relu1", nn.ReLU(inplace=True)),
             ("pool1", nn.MaxPool2d(2)),  # 26 → 13
-            *([("dropout1", nn.Dropout(rate))] if hidden else []),
+            *([("dropout1", Dropout(rate))] if hidden else []),
             ("conv2", nn.Conv2d(256, 128, 3)),  # 13 → 11
             ("relu2", nn.ReLU(inplace=True)),
             ("pool2", nn.MaxPool2d(2)),  # 11 → 5
-            *([("dropout2", nn.Dropout(rate))] if hidden else []),
+            *([("dropout2", Dropout(rate))] if hidden else []),
             ("flatten", nn.Flatten()),
             ("dense1", nn.Linear(5 * 5 * 128, 100)),
             ("relu3", nn.ReLU(inplace=True)),
-            *([("dropout3", nn.Dropout(rate))] if hidden else []),
+            *([("dropout3", Dropout(rate))] if hidden else []),
             ("dense2", nn.Linear(100, 100)),
             ("relu4", nn.ReLU(inplace=True)),
             ("logits", nn.Linear(100, 10)),  # softmax is inside the cross-entropy loss

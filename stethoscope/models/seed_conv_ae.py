@@ -14,6 +14,7 @@ from torch import nn
 
 from stethoscope.errors import DataError
 from stethoscope.models.base import SpectrogramModel
+from stethoscope.models.layers import Dropout, SubpixelSequential
 from stethoscope.models.registry import register
 
 POOLING_ROUNDS = 3  # each round halves mels and frames, so both must divide by 2**3
@@ -59,7 +60,13 @@ def streaming_mean_std(specs, chunk_clips: int = 16) -> tuple[float, float]:
 
 def conv_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     """A 3×3 'same' convolution followed by ReLU (Keras ``Conv2D(..., activation='relu')``)."""
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU()]
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+def conv_pool_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """A 3×3 'same' convolution, 2×2 max-pooling, then ReLU."""
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.MaxPool2d(2),
+            nn.ReLU(inplace=True)]
 
 
 class SeedConvAE(SpectrogramModel):
@@ -70,13 +77,16 @@ class SeedConvAE(SpectrogramModel):
         channels, mels, frames = check_input_shape(input_shape)
         self.input_shape = (channels, mels, frames)
         self.hparams = {"dropout": float(dropout)}
+        # ReLU after each pooling: the same function as Keras' conv(relu) → pool (max and
+        # ReLU commute, gradients included) on a quarter of the values.
         self.encoder = nn.Sequential(
             Standardize(),
-            *conv_relu(channels, 32), nn.MaxPool2d(2), nn.Dropout(dropout),
-            *conv_relu(32, 16), nn.MaxPool2d(2),
-            *conv_relu(16, 4), nn.MaxPool2d(2),
+            *conv_pool_relu(channels, 32), Dropout(dropout),
+            *conv_pool_relu(32, 16),
+            *conv_pool_relu(16, 4),
         )
-        self.decoder = nn.Sequential(
+        # The last upsample + conv runs as one sub-pixel convolution (layers.py).
+        self.decoder = SubpixelSequential(
             *conv_relu(4, 4), nn.Upsample(scale_factor=2),
             *conv_relu(4, 16), nn.Upsample(scale_factor=2),
             *conv_relu(16, 32), nn.Upsample(scale_factor=2),
