@@ -236,6 +236,15 @@ class Detector:
             specs, clips = self.load_features(X, self.feature_config_, cache_dir=scratch)
             return self._fit_features(specs, clips, y)
 
+    def _model_params_for(self, clips: list[Clip] | None) -> dict:
+        """The user's model parameters over the model's registered defaults for the machine
+        type of the training clips (when they all come from one, e.g. MIMII ``slider``)."""
+        machines = {clip.machine for clip in clips or []}
+        defaults = {}
+        if len(machines) == 1:
+            defaults = self._info().per_machine.get(machines.pop(), {})
+        return {**defaults, **(self.model_params or {})}
+
     def _scratch_cache(self, X: Inputs):
         """A temporary on-disk feature cache for large corpora when the user set none, so
         training memory stays flat in the number of clips (features are memory-mapped)."""
@@ -254,7 +263,8 @@ class Detector:
         self.input_shape_ = tuple(int(s) for s in specs.shape[1:])
         info = self._info()
         seed_everything(self.seed)  # initial weights depend on the seed alone
-        self.model_ = registry.build(self.model, self.input_shape_, **(self.model_params or {}))
+        self.model_ = registry.build(self.model, self.input_shape_,
+                                     **self._model_params_for(clips))
         self.model_.before_training(specs)
 
         config = self._train_config()

@@ -178,3 +178,19 @@ def test_large_corpora_train_from_a_memory_mapped_scratch_cache(valve_clips, mon
     small.fit(train)
     assert not seen["memmap"]
     assert np.allclose(big.score_samples(train[:3]), small.score_samples(train[:3]))
+
+
+def test_machine_type_defaults_apply_only_to_one_machine_type_and_yield_to_the_user(tmp_path):
+    from stethoscope.simulate import simulate_dataset
+
+    slider = [c for c in find_clips(simulate_dataset("slider", 6, 0, tmp_path / "s", seed=0,
+                                                     progress=False)) if c.label == 0]
+    fan = [c for c in find_clips(simulate_dataset("fan", 6, 0, tmp_path / "f", seed=0,
+                                                  progress=False)) if c.label == 0]
+    assert Detector(progress=False).fit(slider).model_.experts[-1] == "rhythm"
+    assert "rhythm" not in Detector(progress=False).fit(fan).model_.experts
+    assert "rhythm" not in Detector(progress=False).fit(slider[:3] + fan[:3]).model_.experts
+    chosen = Detector(model_params={"experts": ["spectrum"]}, progress=False).fit(slider)
+    assert chosen.model_.experts == ("spectrum",)
+    chosen.save(tmp_path / "model")
+    assert Detector.load(tmp_path / "model").model_.experts == ("spectrum",)

@@ -292,13 +292,22 @@ CLIP_STATS_FEATURES = {"n_mels": 64, "n_fft": 1024, "hop_length": 256}
 CLIP_STATS_SCORING = {"pooling": "max"}  # a clip is as unusual as its most unusual expert
 
 
+# Slide rails are reciprocating: their faults can change only *when* strokes happen, which
+# per-mel statistics cannot see (simulated slider timing faults: AUC 0.59 without the rhythm
+# expert, 1.0 with it). Not for every machine: on the real DCASE valve, whose normal clips
+# follow several operating patterns, the rhythm expert costs 0.05 AUC (docs/quality.md).
+RHYTHM_MACHINES = ("slider",)
+
+
 @register(
     "clip-stats",
     description="No training: Ledoit-Wolf Mahalanobis distance of per-clip log-mel "
                 "statistics (stationary spectrum; transient peaks above the clip's own "
-                "background) to the normal clips; max of the two z-scores.",
+                "background) to the normal clips; max of the z-scores. Adds the rhythm "
+                "expert when trained on slide rails.",
     features=CLIP_STATS_FEATURES,
     scoring=CLIP_STATS_SCORING,
+    per_machine={m: {"experts": [*EXPERTS, "rhythm"]} for m in RHYTHM_MACHINES},
 )
 def build_clip_stats(input_shape: tuple[int, ...],
                      experts: tuple[str, ...] | list[str] = EXPERTS) -> ClipStatsGaussian:

@@ -23,6 +23,7 @@ class ModelInfo:
     training: dict = field(default_factory=dict)  # TrainConfig overrides
     scoring: dict = field(default_factory=dict)  # e.g. {"pooling": "mean"}
     kind: str = "anomaly"  # "anomaly" (spectrogram models) or "lab" (MNIST networks)
+    per_machine: dict = field(default_factory=dict)  # machine type → hparam defaults
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -30,14 +31,18 @@ _REGISTRY: dict[str, ModelInfo] = {}
 
 def register(name: str, *, description: str, features: dict | None = None,
              training: dict | None = None, scoring: dict | None = None,
-             kind: str = "anomaly"):
-    """Decorator: register ``builder(input_shape, **hparams) -> nn.Module`` under ``name``."""
+             kind: str = "anomaly", per_machine: dict | None = None):
+    """Decorator: register ``builder(input_shape, **hparams) -> nn.Module`` under ``name``.
+
+    ``per_machine`` maps a machine type (as the MIMII/DCASE folders name it) to hparams the
+    detector uses when every training clip comes from that machine type."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = ModelInfo(name, builder, description, dict(features or {}),
-                                    dict(training or {}), dict(scoring or {}), kind)
+                                    dict(training or {}), dict(scoring or {}), kind,
+                                    dict(per_machine or {}))
         return builder
 
     return decorate
