@@ -54,14 +54,14 @@ def run_script(name: str, doc: Path, extra: list[str]) -> tuple[bool, float]:
 
 
 def assemble(new: dict[str, str], old: dict[str, str], failed: list[str]) -> str:
-    """The header, this run's sections in order (stale old ones for failures), then others."""
-    blocks = []
+    """The header, hand-written sections of the old document (e.g. the summary), then this
+    run's sections in order (stale old ones for failures)."""
+    blocks = [block for name, block in old.items() if name not in SCRIPTS]
     for name in SCRIPTS:
         if name in new:
             blocks.append(new[name])
         elif name in old:
             blocks.append(stale(old[name], name) if name in failed else old[name])
-    blocks += [block for name, block in old.items() if name not in SCRIPTS]
     return DOC_HEADER.rstrip() + "\n\n" + "\n\n".join(blocks) + "\n"
 
 
