@@ -216,8 +216,11 @@ class LogMel(nn.Module):
         out = torch.empty(rows.shape[0], self.config.n_mels, self.frames_for(n),
                           dtype=rows.dtype, device=rows.device)
         workers = min(torch.get_num_threads(), rows.shape[0])
-        if rows.device.type != "cpu" or workers < 2:
+        if rows.device.type != "cpu":
             self._log_mel_rows(rows, out, range(rows.shape[0]))
+        elif workers < 2:  # one clip: one thread (2 threads on its small ops were slower)
+            with _one_torch_thread():
+                self._log_mel_rows(rows, out, range(rows.shape[0]))
         else:
             with _one_torch_thread():
                 pool = _worker_pool(workers)
