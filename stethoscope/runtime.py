@@ -12,6 +12,7 @@ glibc itself through ``mallopt`` (no library exposes it).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -22,9 +23,8 @@ OPT_OUT = "STETHOSCOPE_SYSTEM_MALLOC"  # set to 1 to leave malloc as it is
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES",
                  "LD_PRELOAD")
 
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tell glibc malloc to keep freed blocks (up to 1 GiB) for reuse; once per process.
 
@@ -33,12 +33,6 @@ def keep_freed_memory() -> bool:
     ``GLIBC_TUNABLES``), or when ``STETHOSCOPE_SYSTEM_MALLOC=1``. The cost: memory freed
     after a large step is kept by the process rather than returned to the system.
     """
-    if "applied" not in _state:
-        _state["applied"] = _apply()
-    return _state["applied"]
-
-
-def _apply() -> bool:
     if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT, "") not in ("", "0"):
         return False
     if any(os.environ.get(name) for name in USER_SETTINGS):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -95,8 +96,6 @@ def _malloc_probe(env: dict) -> str:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
 def test_allocator_setting_applies_once_and_respects_the_users_choice():
-    import os
-
     base = {k: v for k, v in os.environ.items()
             if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_",
                          "MALLOC_MMAP_THRESHOLD_", "STETHOSCOPE_SYSTEM_MALLOC")}
