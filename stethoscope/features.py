@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import tempfile
 import threading
@@ -33,9 +34,9 @@ from stethoscope.audio import parse_channels, read_wav
 from stethoscope.errors import AudioError, DataError
 from stethoscope.runtime import keep_freed_memory
 
-CACHE_VERSION = 1  # bump when the features computed for a given config change
+CACHE_VERSION = 2  # bump when the features computed for a given config change
 CLIPS_PER_CHUNK = 16  # clips read and transformed together: bounds memory, keeps BLAS busy
-MELS_PER_BLOCK = 16  # mel bands per dense block of the sparse filter bank
+MELS_PER_BLOCK = 8  # mel bands per dense block of the sparse filter bank (8: fastest measured)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class LogMel(nn.Module):
                 target = out[i]
                 for m0, m1, k0, k1, weights in blocks:
                     torch.matmul(weights, power[:, k0:k1].T, out=target[m0:m1])
-                target.add_(cfg.eps).log10_().mul_(10.0)
+                _to_decibels(target, cfg.eps)
 
     def _workspace(self, n: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,6 +272,18 @@ class LogMel(nn.Module):
         if self.config.power == 2.0:
             return torch.view_as_real(spectrum).square_().flatten(-2)
         return spectrum.abs().pow_(self.config.power)
+
+
+def _to_decibels(power: torch.Tensor, eps: float) -> None:
+    """``10 * log10(power + eps)`` in place; on CPU through NumPy, whose vectorised log is
+    4x faster than torch's here (a tenth of a 10 s clip's log-mel time)."""
+    if power.device.type != "cpu":
+        power.add_(eps).log10_().mul_(10.0)
+        return
+    values = power.numpy()
+    np.add(values, eps, out=values)
+    np.log10(values, out=values)
+    np.multiply(values, 10.0, out=values)
 
 
 _THREAD_COUNT_LOCK = threading.Lock()
@@ -563,6 +576,29 @@ def _open_npy(path: Path) -> np.ndarray:
     if array.shape[0] == 0:
         raise DataError(f"holds no spectrograms (shape {array.shape})", path)
     return array
+
+
+def iter_chunks(specs, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, float32 copy of specs[start:start + rows])`` over an array-like of clips.
+
+    For a memory-mapped corpus the pages just copied are dropped from this process (they
+    stay in the kernel's page cache), so resident memory does not grow with the corpus."""
+    for start in range(0, len(specs), rows):
+        chunk = np.array(specs[start:start + rows], dtype=np.float32)
+        release_mapped_pages(specs)
+        yield start, chunk
+
+
+def release_mapped_pages(specs) -> None:
+    """Unmap the resident pages of a ``np.memmap`` (or of a dataset's ``.specs`` memmap);
+    the data stays on disk and in the page cache and is read back on the next access.
+
+    NumPy exposes the mapping only as ``memmap._mmap``; nothing happens without one."""
+    mapping = getattr(specs, "_mmap", None) or getattr(getattr(specs, "specs", None),
+                                                       "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):  # closed or unsupported: keep the pages
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _rows_per_pass(array: np.ndarray, budget_bytes: int = 64 << 20) -> int:

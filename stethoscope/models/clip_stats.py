@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from stethoscope.errors import DataError
+from stethoscope.features import iter_chunks
 from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
 from stethoscope.models.registry import register
 from stethoscope.scoring import pool_scores
@@ -33,35 +34,41 @@ TRANSIENT_QUANTILES = (0.9, 0.99, 1.0)
 CHUNK = 64  # clips per statistics batch: bounds memory for memory-mapped corpora
 
 
-def spectrum_stats(spec: torch.Tensor) -> torch.Tensor:
+def spectrum_stats(spec: np.ndarray) -> np.ndarray:
     """Per-mel mean and standard deviation over time, ``(B, C, M, F) -> (B, 2*C*M)``."""
-    spec = spec.double()
-    return torch.cat([spec.mean(-1).flatten(1), spec.std(-1, correction=0).flatten(1)], 1)
+    values = np.asarray(spec, dtype=np.float64)
+    mean = values.mean(-1)
+    centred = values - mean[..., None]
+    std = np.sqrt(np.einsum("...f,...f->...", centred, centred) / values.shape[-1])
+    return np.concatenate([mean.reshape(len(values), -1), std.reshape(len(values), -1)], 1)
 
 
-def transient_stats(spec: torch.Tensor) -> torch.Tensor:
+def transient_stats(spec: np.ndarray) -> np.ndarray:
     """Per-mel median over time and upper quantiles minus the median, ``(B, 4*C*M)``.
 
     The median (the clip's own background) is kept beside the peaks so that the Gaussian
     learns how loud events normally are *for* a given background.
     """
-    median, *upper = time_quantiles(spec.float().numpy(), (0.5, *TRANSIENT_QUANTILES))
+    median, *upper = time_quantiles(np.asarray(spec, dtype=np.float32),
+                                    (0.5, *TRANSIENT_QUANTILES))
     parts = [median] + [q - median for q in upper]
-    return torch.from_numpy(np.concatenate([p.reshape(len(median), -1) for p in parts], 1))
+    return np.concatenate([p.reshape(len(median), -1) for p in parts], 1)
 
 
 def time_quantiles(values: np.ndarray, levels: tuple[float, ...]) -> list[np.ndarray]:
     """Quantiles over the last axis (float64) with NumPy's default linear interpolation,
     from one sort: several times faster than ``np.quantile``, which partitions per level,
-    or ``torch.sort`` on CPU."""
-    ordered = np.sort(values, axis=-1).astype(np.float64)
+    or ``torch.sort`` on CPU. Only the order statistics used are widened to float64."""
+    ordered = np.sort(values, axis=-1)
     last = values.shape[-1] - 1
     out = []
     for level in levels:
         position = level * last
         low = int(position)
         high = min(low + 1, last)
-        out.append(ordered[..., low] + (ordered[..., high] - ordered[..., low]) * (position - low))
+        below = ordered[..., low].astype(np.float64)
+        above = ordered[..., high].astype(np.float64)
+        out.append(below + (above - below) * (position - low))
     return out
 
 
@@ -74,11 +81,11 @@ def rhythm_lags(frames: int) -> int:
     return max(min(RHYTHM_MAX_LAG, frames - 1) // RHYTHM_POOL, 1)
 
 
-def rhythm_stats(spec: torch.Tensor) -> torch.Tensor:
+def rhythm_stats(spec: np.ndarray) -> np.ndarray:
     """Autocorrelation of the clip's loudness envelope (mean log-mel per frame, median
     removed), normalised by lag 0 and pooled over ``RHYTHM_POOL`` lags, ``(B, L)``: the
     timing of strokes, clicks and cycles, which the per-mel statistics cannot see."""
-    envelope = spec.double().mean(dim=(1, 2))
+    envelope = torch.from_numpy(np.asarray(spec, dtype=np.float64)).mean(dim=(1, 2))
     envelope = envelope - envelope.median(dim=1, keepdim=True).values
     frames = envelope.shape[1]
     lags = rhythm_lags(frames)
@@ -86,7 +93,7 @@ def rhythm_stats(spec: torch.Tensor) -> torch.Tensor:
     auto = torch.fft.irfft(spectrum * spectrum.conj(), 2 * frames, dim=1)[:, :frames]
     auto = auto / auto[:, :1].clamp_min(1e-12)
     used = auto[:, 1 : 1 + lags * RHYTHM_POOL]
-    return used.reshape(len(used), lags, RHYTHM_POOL).mean(2)
+    return used.reshape(len(used), lags, RHYTHM_POOL).mean(2).numpy()
 
 
 STATS = {"spectrum": spectrum_stats, "transients": transient_stats, "rhythm": rhythm_stats}
@@ -201,13 +208,16 @@ class ClipStatsGaussian(SpectrogramModel):
         self._normal_maps: np.ndarray | None = None
 
     def statistics(self, specs) -> dict[str, np.ndarray]:
-        """Each expert's statistics of spectrograms ``(N, C, M, F)``, in chunks."""
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.experts}
-        for start in range(0, len(specs), CHUNK):
-            chunk = torch.from_numpy(np.array(specs[start:start + CHUNK], dtype=np.float32))
+        """Each expert's statistics of spectrograms ``(N, C, M, F)``, in chunks.
+
+        The outputs are allocated before the loop: small arrays kept between the chunks'
+        large temporaries fragment the heap (measured: +350 MB for 1,500 clips)."""
+        shape = tuple(int(s) for s in specs.shape[1:])
+        stats = {name: np.empty((len(specs), expert_dim(name, *shape))) for name in self.experts}
+        for start, chunk in iter_chunks(specs, CHUNK):
             for name in self.experts:
-                parts[name].append(STATS[name](chunk).numpy())
-        return {name: np.concatenate(rows) for name, rows in parts.items()}
+                stats[name][start:start + len(chunk)] = STATS[name](chunk)
+        return stats
 
     def after_training(self, specs) -> None:
         """Fit each expert's Gaussian on all normal clips and its z-scale on their
@@ -264,16 +274,16 @@ class ClipStatsGaussian(SpectrogramModel):
                 self.input_shape[2]):
             raise DataError(f"clips of {spec.shape[3]} frames are too short for the rhythm "
                             f"statistics of a model trained on {self.input_shape[2]} frames")
-        stats = {name: STATS[name](spec.detach().cpu()) for name in self.experts}
+        values = spec.detach().float().cpu().numpy()
         columns = []
-        for name in self.experts:
-            mean = getattr(self, f"{name}_mean")
-            precision = getattr(self, f"{name}_precision")
+        for name in self.experts:  # NumPy: a third of the time of the same torch ops here
+            centred = STATS[name](values) - getattr(self, f"{name}_mean").cpu().numpy()
+            precision = getattr(self, f"{name}_precision").cpu().numpy()
             centre, spread = getattr(self, f"{name}_scale").tolist()
-            centred = stats[name] - mean.cpu()
-            distance = torch.einsum("ij,jk,ik->i", centred, precision.cpu(), centred)
-            columns.append((distance.clamp_min(0).sqrt() - centre) / spread)
-        return torch.stack(columns, 1)[:, None, :].float().to(spec.device)
+            distance = np.einsum("ij,ij->i", centred @ precision, centred)
+            columns.append((np.sqrt(np.maximum(distance, 0.0)) - centre) / spread)
+        maps = np.stack(columns, 1)[:, None, :].astype(np.float32)
+        return torch.from_numpy(maps).to(spec.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.error_map(x)
