@@ -194,7 +194,7 @@ class Detector:
         return not isinstance(X, np.ndarray) and not (
             isinstance(X, str | Path) and str(X).endswith(".npy"))
 
-    def iter_features(self, X: Inputs, chunk_clips: int = 256
+    def iter_features(self, X: Inputs, chunk_clips: int = 64
                       ) -> Iterator[tuple[np.ndarray, list[Clip] | None]]:
         """Spectrograms chunk by chunk, so scoring a corpus larger than memory stays flat.
 

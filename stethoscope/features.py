@@ -276,7 +276,8 @@ class LogMel(nn.Module):
 
 def _to_decibels(power: torch.Tensor, eps: float) -> None:
     """``10 * log10(power + eps)`` in place; on CPU through NumPy, whose vectorised log is
-    4x faster than torch's here (a tenth of a 10 s clip's log-mel time)."""
+    4x faster than torch's here (a tenth of one clip's log-mel time, 3-5 % of a batch's).
+    Measured cost: the worker threads' heaps then keep about 60 MB more, a constant."""
     if power.device.type != "cpu":
         power.add_(eps).log10_().mul_(10.0)
         return

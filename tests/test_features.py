@@ -325,3 +325,34 @@ def test_check_features_match():
         check_features_match(specs, (1, 64, 312), "recordings/")
     assert "mel bands 128 vs 64" in str(info.value)
     assert str(info.value).startswith("recordings")
+
+
+def _resident_kb_of(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            inside = len(fields) >= 6 and fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_iter_chunks_copies_in_order_and_releases_mapped_pages(tmp_path):
+    data = np.random.default_rng(0).normal(size=(40, 1, 16, 1024)).astype(np.float32)
+    np.save(tmp_path / "specs.npy", data)
+    mapped = np.load(tmp_path / "specs.npy", mmap_mode="r")
+    seen = 0
+    for start, chunk in features.iter_chunks(mapped, 7):
+        assert chunk.dtype == np.float32 and not isinstance(chunk, np.memmap)
+        np.testing.assert_array_equal(chunk, data[start:start + 7])
+        seen += len(chunk)
+    assert seen == len(data)
+    assert _resident_kb_of(tmp_path / "specs.npy") < 64  # 2.5 MB were read, all let go
+    touched = float(np.asarray(mapped).sum())  # reading the whole map makes it resident
+    assert np.isfinite(touched) and _resident_kb_of(tmp_path / "specs.npy") > 2000
+    features.release_mapped_pages(mapped)
+    assert _resident_kb_of(tmp_path / "specs.npy") < 64
+    np.testing.assert_array_equal(mapped[3], data[3])  # still readable afterwards

@@ -268,3 +268,18 @@ def test_rhythm_statistics_see_timing_not_phase():
     model = build("clip-stats-rhythm", (1, 8, 400))
     with pytest.raises(DataError, match="too short"):
         model.error_map(torch.zeros(1, 1, 8, 100))
+
+
+def test_statistics_in_chunks_equal_the_whole_batch_and_numpy(monkeypatch):
+    import stethoscope.models.clip_stats as clip_stats
+
+    specs = np.random.default_rng(4).normal(-50, 8, size=(11, 2, 6, 50)).astype(np.float32)
+    model = build("clip-stats-rhythm", (2, 6, 50))
+    monkeypatch.setattr(clip_stats, "CHUNK", 4)  # 11 clips: chunks of 4, 4 and 3
+    chunked = model.statistics(specs)
+    for name, rows in chunked.items():
+        assert rows.shape == (11, clip_stats.expert_dim(name, 2, 6, 50))
+        np.testing.assert_allclose(rows, clip_stats.STATS[name](specs), rtol=1e-12)
+    wide = specs.astype(np.float64)
+    want = np.concatenate([wide.mean(-1).reshape(11, -1), wide.std(-1).reshape(11, -1)], 1)
+    np.testing.assert_allclose(chunked["spectrum"], want, rtol=1e-10)

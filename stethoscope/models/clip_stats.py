@@ -31,7 +31,7 @@ from stethoscope.scoring import pool_scores
 
 EXPERTS = ("spectrum", "transients")  # the default; "rhythm" is opt-in (clip-stats-rhythm)
 TRANSIENT_QUANTILES = (0.9, 0.99, 1.0)
-CHUNK = 64  # clips per statistics batch: bounds memory for memory-mapped corpora
+CHUNK = 16  # clips per statistics batch: bounds memory for memory-mapped corpora
 
 
 def spectrum_stats(spec: np.ndarray) -> np.ndarray:
