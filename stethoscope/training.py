@@ -23,12 +23,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from stethoscope.features import release_mapped_pages
 from stethoscope.runtime import keep_freed_memory
 
 Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 BatchTransform = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+RELEASE_PAGES_EVERY = 32  # batches between unmapping the pages read from a memory-mapped corpus
 
 
 @dataclass
@@ -327,7 +329,7 @@ def _run_epoch(
     training = optimizer is not None
     model.train(training)
     totals: dict[str, float] = {"loss": 0.0, **{name: 0.0 for name in metrics}}
-    count = 0
+    count = batches = 0
     with torch.set_grad_enabled(training):
         for batch in loader:
             batch = tuple(batch) if isinstance(batch, list | tuple) else (batch,)
@@ -348,6 +350,10 @@ def _run_epoch(
                     totals[name] += float(fn(out.detach().float(), y)) * n
             phase = "train" if training else "val"
             progress.advance(f"epoch {epoch} {phase} loss {totals['loss'] / max(count, 1):.4g}")
+            batches += 1
+            if batches % RELEASE_PAGES_EVERY == 0:  # memory-mapped corpus: stay flat in N
+                release_mapped_pages(loader.dataset)
+    release_mapped_pages(loader.dataset)
     return {name: total / max(count, 1) for name, total in totals.items()}
 
 
