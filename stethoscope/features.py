@@ -185,9 +185,9 @@ class LogMel(nn.Module):
     through reused per-thread buffers (no large allocation per call); frames are cut with
     ``unfold`` and transformed with ``rfft`` (6x cheaper than ``torch.stft`` here); the
     squared real and imaginary parts meet an interleaved copy of the mel bank, so the
-    power sum happens inside the matrix product; and several clips go to as many worker
-    threads, each with one torch thread, since torch's own threads scale poorly on one
-    clip's small FFTs and products.
+    power sum happens inside the matrix product; and several clips go to as many threads
+    (or one long clip's frames, in halves), each with one torch thread, since torch's own
+    threads scale poorly on one clip's small FFTs and products.
     """
 
     def __init__(self, config: FeatureConfig | None = None, **overrides) -> None:
@@ -214,55 +214,53 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         lead, n = wave.shape[:-1], wave.shape[-1]
         rows = wave.detach().reshape(-1, n).to(self.window.dtype)
-        out = torch.empty(rows.shape[0], self.config.n_mels, self.frames_for(n),
-                          dtype=rows.dtype, device=rows.device)
-        workers = min(torch.get_num_threads(), rows.shape[0])
-        if rows.device.type != "cpu":
-            self._log_mel_rows(rows, out, range(rows.shape[0]))
-        elif workers < 2:  # one clip: one thread (2 threads on its small ops were slower)
-            with _one_torch_thread():
-                self._log_mel_rows(rows, out, range(rows.shape[0]))
-        else:
-            with _one_torch_thread():
-                pool = _worker_pool(workers)
-                jobs = [pool.submit(self._log_mel_rows, rows, out,
-                                    range(k, rows.shape[0], workers)) for k in range(workers)]
-                for job in jobs:
-                    job.result()
-        return out.reshape(*lead, self.config.n_mels, out.shape[-1])
+        frames = self.frames_for(n)
+        out = torch.empty(rows.shape[0], self.config.n_mels, frames, dtype=rows.dtype,
+                          device=rows.device)
+        on_cpu = rows.device.type == "cpu"
+        *others, own = _split_work(rows.shape[0], frames, torch.get_num_threads() if on_cpu else 1)
+        with _one_torch_thread() if on_cpu else contextlib.nullcontext():
+            pool = _worker_pool(len(others)) if others else None
+            jobs = [pool.submit(self._log_mel_rows, rows, out, part) for part in others]
+            self._log_mel_rows(rows, out, own)  # the last share in this thread: one hand-off less
+            for job in jobs:
+                job.result()
+        return out.reshape(*lead, self.config.n_mels, frames)
 
-    def _log_mel_rows(self, rows: torch.Tensor, out: torch.Tensor, indices: range) -> None:
-        """Write the log-mel of ``rows[i]`` into ``out[i]`` for each index, in this thread's
-        reused buffers."""
+    def _log_mel_rows(self, rows: torch.Tensor, out: torch.Tensor,
+                      part: tuple[range, int, int]) -> None:
+        """Write the log-mel of ``rows[i]`` into ``out[i]`` for each index of
+        ``part = (indices, first frame, end frame)``, in this thread's reused buffers."""
         cfg = self.config
+        indices, start, stop = part
         n, half = rows.shape[-1], cfg.n_fft // 2
         blocks = [(m0, m1, k0, k1, getattr(self, f"block_{i}"))
                   for i, (m0, m1, k0, k1) in enumerate(self._blocks)]
         with torch.inference_mode():  # thread-local: worker threads must enter it too
-            padded, frames, spectrum = self._workspace(n, rows.device)
-            framed = padded.unfold(0, cfg.n_fft, cfg.hop_length)  # a view: no copy
+            padded, frames, spectrum = self._workspace(n, stop - start, rows.device)
+            framed = padded.unfold(0, cfg.n_fft, cfg.hop_length)[start:stop]  # views: no copy
             for i in indices:
                 padded[half:half + n].copy_(rows[i])
                 torch.mul(framed, self.window, out=frames)
                 torch.fft.rfft(frames, out=spectrum)
                 power = self._power(spectrum)
-                target = out[i]
+                target = out[i, :, start:stop]
                 for m0, m1, k0, k1, weights in blocks:
                     torch.matmul(weights, power[:, k0:k1].T, out=target[m0:m1])
                 _to_decibels(target, cfg.eps)
 
-    def _workspace(self, n: int, device: torch.device
+    def _workspace(self, n: int, frames: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This thread's padded-signal, frame and spectrum buffers for ``n`` samples."""
-        key = (n, str(device))
+        """This thread's padded-signal, frame and spectrum buffers for ``n`` samples and
+        ``frames`` frames."""
+        key = (n, frames, str(device))
         cached = getattr(self._workspaces, "buffers", None)
         if cached is None or cached[0] != key:
             cfg = self.config
-            count = self.frames_for(n)
             cached = (key, (
                 torch.zeros(n + cfg.n_fft, device=device),  # zero padding stays zero
-                torch.empty(count, cfg.n_fft, device=device),
-                torch.empty(count, cfg.n_fft // 2 + 1, dtype=torch.complex64, device=device)))
+                torch.empty(frames, cfg.n_fft, device=device),
+                torch.empty(frames, cfg.n_fft // 2 + 1, dtype=torch.complex64, device=device)))
             self._workspaces.buffers = cached
         return cached[1]
 
@@ -285,6 +283,24 @@ def _to_decibels(power: torch.Tensor, eps: float) -> None:
     np.add(values, eps, out=values)
     np.log10(values, out=values)
     np.multiply(values, 10.0, out=values)
+
+
+MIN_FRAMES_PER_WORKER = 128  # below this a clip is not split: thread hand-off costs more
+
+
+def _split_work(clips: int, frames: int, workers: int) -> list[tuple[range, int, int]]:
+    """How ``workers`` threads share a batch: clips dealt round-robin, or, for one long
+    clip, its frames in contiguous halves (measured: 15-20 % faster on 2 cores; a clip
+    per thread scales better, so batches are split by clip)."""
+    if workers < 2:
+        return [(range(clips), 0, frames)]
+    if clips >= 2:
+        return [(range(k, clips, workers), 0, frames) for k in range(min(workers, clips))]
+    parts = min(workers, frames // MIN_FRAMES_PER_WORKER)
+    if parts < 2:
+        return [(range(clips), 0, frames)]
+    edges = [frames * k // parts for k in range(parts + 1)]
+    return [(range(clips), edges[k], edges[k + 1]) for k in range(parts)]
 
 
 _THREAD_COUNT_LOCK = threading.Lock()

@@ -107,6 +107,30 @@ def test_worker_threads_match_one_thread_and_restore_the_thread_count():
     assert not threaded.requires_grad and not threaded.is_inference()
 
 
+def test_one_long_clip_split_over_threads_equals_one_thread():
+    torch.manual_seed(1)
+    wave = 0.1 * torch.randn(1, 160000)  # 626 frames at hop 256: split in two halves
+    module = LogMel(FeatureConfig(hop_length=256))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = module(wave)
+        torch.set_num_threads(1)
+        alone = module(wave)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(split, alone, rtol=0, atol=1e-5)
+
+
+def test_split_work_covers_every_clip_and_frame_once():
+    assert features._split_work(5, 300, 1) == [(range(5), 0, 300)]
+    assert features._split_work(5, 300, 2) == [(range(0, 5, 2), 0, 300), (range(1, 5, 2), 0, 300)]
+    assert features._split_work(1, 626, 2) == [(range(1), 0, 313), (range(1), 313, 626)]
+    assert features._split_work(1, 200, 2) == [(range(1), 0, 200)]  # too short to split
+    parts = features._split_work(1, 1000, 3)
+    assert [(a, b) for _, a, b in parts] == [(0, 333), (333, 666), (666, 1000)]
+
+
 def test_concurrent_callers_get_their_own_buffers():
     from concurrent.futures import ThreadPoolExecutor
 
