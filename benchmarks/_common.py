@@ -95,11 +95,15 @@ def alternate(
     repeats: int,
     warmup: int = 1,
     log: Callable[[str], None] | None = None,
+    settle: float = 0.0,
 ) -> dict[str, list[float]]:
     """Run each side ``warmup`` times, then ``repeats`` rounds of every side in turn.
 
     Each callable does a fixed amount of work and returns the seconds it took (so it can
     leave set-up out of the timing). Returns every side's list of seconds, warm-up excluded.
+    ``settle`` seconds of idling before every timed call, the same for each side, let the
+    previous side's helper threads go back to sleep (OpenBLAS threads spin for a while
+    after each call and would otherwise compete with whichever side runs next).
     """
     for _ in range(warmup):
         for name, side in sides.items():
@@ -109,6 +113,7 @@ def alternate(
     results: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(repeats):
         for name, side in sides.items():
+            time.sleep(settle)
             results[name].append(side())
         if log:
             log(f"  round {r + 1}/{repeats}: " +

@@ -109,7 +109,8 @@ def in_memory_row(label: str, config: FeatureConfig, waves: np.ndarray, args, lo
         mine = module(batch).numpy()
     reference = np.stack([librosa_logmel(w, config) for w in waves])
     log(f"{label}, in memory:")
-    times = alternate({"stethoscope": ours, "librosa": theirs}, args.repeats, args.warmup, log)
+    times = alternate({"stethoscope": ours, "librosa": theirs}, args.repeats, args.warmup, log,
+                      settle=args.settle)
     n = len(waves) * args.passes
     return Row(label, "waveforms in memory", n / median(times["stethoscope"]),
                n / median(times["librosa"]), float(np.abs(mine - reference).max()))
@@ -136,7 +137,7 @@ def from_files_row(label: str, config: FeatureConfig, waves: np.ndarray, args, l
                               for p in paths])
         log(f"{label}, from WAV files:")
         times = alternate({"stethoscope": ours, "librosa": theirs}, args.repeats, args.warmup,
-                          log)
+                          log, settle=args.settle)
     n = len(waves)
     return Row(label, "WAV files", n / median(times["stethoscope"]),
                n / median(times["librosa"]), float(np.abs(mine[:, 0] - reference).max()))
@@ -167,7 +168,8 @@ def report(rows: list[Row], data_desc: str, args) -> str:
         f"({args.threads} torch threads), or `extract_features` on the files; librosa: "
         "`librosa.feature.melspectrogram` + `librosa.power_to_db(ref=1, amin=1e-10, "
         "top_db=None)` clip by clip (numpy's defaults), or `soundfile.read` first. Median of "
-        f"{args.repeats} alternating rounds after {args.warmup} warm-up round(s). max Δ is "
+        f"{args.repeats} alternating rounds after {args.warmup} warm-up round(s), each "
+        f"after {args.settle:g} s idle (both sides). max Δ is "
         "the largest difference of any cell between the two outputs.",
         "",
         table,
@@ -184,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=usable_cores(),
                         help="torch threads (default: all usable cores)")
     parser.add_argument("--no-files", action="store_true", help="skip the WAV-file rows")
+    parser.add_argument("--settle", type=float, default=0.5,
+                        help="idle seconds before every timed round, both sides alike "
+                             "(default 0.5): the other side's BLAS threads go back to sleep")
     parser.add_argument("--passes", type=int, default=8,
                         help="passes over the in-memory clips per timed round (default 8): "
                              "rounds of a fraction of a second, not a few milliseconds")
