@@ -7,7 +7,9 @@ links to a pool of clips (the real ones when ``../shared/data`` is present, else
 ``stethoscope.simulate.simulate_dataset``), so building a 5,000-clip corpus takes seconds
 and no disk. Each command runs in its own process; its peak resident memory comes from
 ``os.wait4`` (the kernel's ``ru_maxrss``), and a poller of ``/proc/PID/status`` splits it
-into anonymous memory (the program's own) and file pages (memory-mapped caches).
+into anonymous memory (the program's own) and file pages (memory-mapped caches). Then the
+training run is repeated twice with ``--cache DIR`` to time the on-disk feature cache,
+cold (computes and writes the features) and warm (memory-maps them, reads no WAV).
 
     python benchmarks/end_to_end.py                    # N = 200 and 5,000, 2 epochs
     python benchmarks/end_to_end.py --sizes 200,1000,5000 --epochs 5
@@ -194,10 +196,33 @@ def run_corpus(n: int, train: tuple[Path, int], test: tuple[Path, int], work: Pa
     return steps
 
 
+def run_cache_steps(n: int, train: tuple[Path, int], work: Path, args, log) -> list[Step]:
+    """``stethoscope train --cache DIR`` twice: the first run computes the features and
+    writes the cache, the second memory-maps it and reads no WAV."""
+    (train, n_train) = train
+    argv = [sys.executable, "-m", "stethoscope", "train", str(train), "--out",
+            str(work / f"model-cached-{n}"), "--epochs", str(args.epochs), "--cache",
+            str(work / f"cache-{n}")]
+    if args.model:
+        argv += ["--model", args.model]
+    steps = []
+    for name in ("train, cache cold", "train, cache warm"):
+        log(f"N={n}: {name} on {n_train} clips …")
+        step = run_step(name, n_train, argv, work / f"{name.replace(', ', '-')}-{n}.log",
+                        cli_env())
+        log(f"N={n}: {name} {step.seconds:.1f} s, peak RSS {step.peak_rss_mb:.0f} MB")
+        steps.append(step)
+        if step.returncode != 0:
+            break
+    return steps
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def report(results: dict[int, list[Step]], layouts: dict[int, str], pool: Pool, args) -> str:
+def report(results: dict[int, list[Step]], layouts: dict[int, str], pool: Pool, args,
+           cached: dict[int, list[Step]] | None = None) -> str:
+    cached = cached or {}
     rows = []
     for n, steps in results.items():
         for step in steps:
@@ -224,6 +249,26 @@ def report(results: dict[int, list[Step]], layouts: dict[int, str], pool: Pool, 
         growth = peaks[sizes[-1]] / peaks[sizes[0]]
         verdict.append(f"From N = {sizes[0]:,} to {sizes[-1]:,} ({sizes[-1] / sizes[0]:.0f}× the "
                        f"clips) the peak grows {growth:.2f}× (flat would be ≈ 1×).")
+    cache_rows = []
+    for n, steps in cached.items():
+        for step in steps:
+            cache_rows.append([f"{n:,}", f"{step.name} ({step.clips:,} clips)",
+                               f"{step.seconds:.1f}", f"{step.peak_rss_mb:,.0f}",
+                               "ok" if step.returncode == 0 else f"exit {step.returncode}"])
+        if len(steps) == 2 and all(s.returncode == 0 for s in steps):
+            cache_rows.append([f"{n:,}", "**warm ÷ cold time**",
+                               f"**{steps[1].seconds / steps[0].seconds:.2f}×**", "", ""])
+    cache_text = []
+    if cache_rows:
+        cache_text = [
+            "",
+            "The on-disk feature cache: the same training run twice with `--cache DIR`. The "
+            "first (cold) computes the features and writes them to DIR; the second (warm) "
+            "memory-maps them and reads no WAV file (start-up, model fitting and writing "
+            "the model folder stay).",
+            "",
+            markdown_table(["N clips", "step", "wall s", "peak RSS MB", "status"], cache_rows),
+        ]
     layout = "; ".join(f"N = {n:,}: {layouts[n]}" for n in sizes)
     model = args.model or "the default model"
     command = shown_command("end_to_end.py", args.argv)
@@ -243,6 +288,7 @@ def report(results: dict[int, list[Step]], layouts: dict[int, str], pool: Pool, 
         table,
         "",
         " ".join(verdict),
+        *cache_text,
         "",
         f"Command: `{command}`",
     ])
@@ -258,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="clip pool: real shared data (auto when present) or simulated")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep corpora, models, reports and logs in this folder")
+    parser.add_argument("--no-cache-steps", action="store_true",
+                        help="skip timing the feature cache (training twice with --cache)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 400; 1 epoch")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -281,19 +329,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.source == "real":
                 raise SystemExit(f"no real clips under {DATA}")
             pool = simulated_pool(work_root / "pool", 30, 20, 20, log)
-        results, layouts = {}, {}
+        results, layouts, cached = {}, {}, {}
         for n in args.size_list:
             train, test, layouts[n] = corpus(n, pool, work_root / "corpora")
             results[n] = run_corpus(n, train, test, work_root, args, log)
+            if not args.no_cache_steps:
+                cached[n] = run_cache_steps(n, train, work_root, args, log)
     finally:
         if args.keep is None:
             shutil.rmtree(work_root, ignore_errors=True)
-    text = report(results, layouts, pool, args)
+    text = report(results, layouts, pool, args, cached)
     print(text)
     if not args.no_doc:
         path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
         print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
-    failed = any(s.returncode != 0 for steps in results.values() for s in steps)
+    failed = any(s.returncode != 0 for group in (results, cached) for steps in group.values()
+                 for s in steps)
     return 1 if failed else 0
 
 
