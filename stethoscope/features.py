@@ -607,13 +607,14 @@ def iter_chunks(specs, rows: int) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def release_mapped_pages(specs) -> None:
-    """Unmap the resident pages of a ``np.memmap`` (or of a dataset's ``.specs`` memmap);
-    the data stays on disk and in the page cache and is read back on the next access.
+    """Unmap the resident pages of a read-only ``np.memmap`` (or of a dataset's ``.specs``
+    memmap); the data stays on disk and in the page cache and is read back on the next
+    access. Writable or copy-on-write maps are left alone: their changes could be lost.
 
     NumPy exposes the mapping only as ``memmap._mmap``; nothing happens without one."""
-    mapping = getattr(specs, "_mmap", None) or getattr(getattr(specs, "specs", None),
-                                                       "_mmap", None)
-    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+    array = specs if isinstance(specs, np.memmap) else getattr(specs, "specs", None)
+    mapping = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
+    if mapping is not None and array.mode == "r" and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):  # closed or unsupported: keep the pages
             mapping.madvise(mmap.MADV_DONTNEED)
 

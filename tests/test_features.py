@@ -380,3 +380,11 @@ def test_iter_chunks_copies_in_order_and_releases_mapped_pages(tmp_path):
     features.release_mapped_pages(mapped)
     assert _resident_kb_of(tmp_path / "specs.npy") < 64
     np.testing.assert_array_equal(mapped[3], data[3])  # still readable afterwards
+
+
+def test_release_leaves_copy_on_write_maps_alone(tmp_path):
+    np.save(tmp_path / "specs.npy", np.zeros((4, 1, 2, 8), dtype=np.float32))
+    private = np.load(tmp_path / "specs.npy", mmap_mode="c")
+    private[1] = 5.0  # a change that exists only in this process's pages
+    features.release_mapped_pages(private)
+    assert float(private[1].max()) == 5.0
