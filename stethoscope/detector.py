@@ -345,8 +345,10 @@ class Detector:
         (walking the modules took a twentieth of one clip's scoring time)."""
         placed = (self.model_, device)
         if getattr(self, "_placed", None) != placed:
-            self.model_.eval().to(device).to(memory_format=torch.channels_last)
+            self.model_.to(device).to(memory_format=torch.channels_last)
             self._placed = placed
+        if self.model_.training:  # e.g. put in train mode by the caller since
+            self.model_.eval()
         return self.model_
 
     def iter_error_maps(self, specs: np.ndarray, batch_size: int = 32

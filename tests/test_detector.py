@@ -48,6 +48,16 @@ def test_scores_and_predictions(fitted, valve_clips):
     assert np.allclose(fitted.decision_function(test), scores - fitted.threshold_.value_)
 
 
+def test_scoring_runs_in_eval_mode_even_after_train_mode_was_set(fitted, valve_clips):
+    _, test = valve_clips
+    before = fitted.score_samples(test[:3])  # places the model once
+    fitted.model_.train()  # seed-conv-ae has dropout: train mode would change the scores
+    try:
+        assert np.array_equal(fitted.score_samples(test[:3]), before)
+    finally:
+        fitted.model_.eval()
+
+
 def test_save_load_gives_identical_scores(fitted, valve_clips, tmp_path):
     _, test = valve_clips
     fitted.save(tmp_path / "model")
