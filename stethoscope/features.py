@@ -595,13 +595,13 @@ def _open_npy(path: Path) -> np.ndarray:
     return array
 
 
-def iter_chunks(specs, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, float32 copy of specs[start:start + rows])`` over an array-like of clips.
+def iter_chunks(specs, rows: int, dtype: type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, copy of specs[start:start + rows] as dtype)`` over an array-like of clips.
 
     For a memory-mapped corpus the pages just copied are dropped from this process (they
     stay in the kernel's page cache), so resident memory does not grow with the corpus."""
     for start in range(0, len(specs), rows):
-        chunk = np.array(specs[start:start + rows], dtype=np.float32)
+        chunk = np.array(specs[start:start + rows], dtype=dtype)
         release_mapped_pages(specs)
         yield start, chunk
 

@@ -16,8 +16,7 @@ def per_mel_mean_std(specs, chunk_clips: int = 64, min_std: float = 1e-6
     time so a memory-mapped corpus is never loaded whole."""
     total = squares = None
     count = 0
-    for _, chunk in iter_chunks(specs, chunk_clips):
-        chunk = chunk.astype(np.float64)
+    for _, chunk in iter_chunks(specs, chunk_clips, dtype=np.float64):
         part, part_sq = chunk.sum(axis=(0, 3)), (chunk**2).sum(axis=(0, 3))
         total = part if total is None else total + part
         squares = part_sq if squares is None else squares + part_sq
