@@ -306,3 +306,12 @@ def test_training_on_real_valve_clips_lowers_the_loss(name, settings, dcase_valv
     with torch.no_grad():
         scores = model.error_map(torch.from_numpy(specs)).mean(dim=(1, 2))
     assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", ["frame-knn", "idnn"])
+def test_frame_models_name_themselves_when_clips_do_not_fit(name):
+    model = build(name, (1, 16, 40))
+    with pytest.raises(DataError, match=f"do not fit {name} built for \\(1, 16\\)"):
+        model.error_map(torch.zeros(1, 1, 8, 40))
+    with pytest.raises(DataError, match="frames a window"):
+        model.error_map(torch.zeros(1, 1, 16, 2))

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stethoscope.errors import DataError
 from stethoscope.features import iter_chunks
 
 
@@ -27,6 +28,21 @@ def per_mel_mean_std(specs, chunk_clips: int = 64, min_std: float = 1e-6
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return (torch.from_numpy(mean[..., None]).float(),
             torch.from_numpy(np.maximum(std, min_std)[..., None]).float())
+
+
+def standardised_windows(spec: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                         context: int, input_shape: tuple[int, ...], model: str
+                         ) -> torch.Tensor:
+    """Sliding windows of ``context`` frames of per-mel standardised spectrograms
+    ``(B, C, M, F) -> (B, C, M, W, context)``, ``W = F - context + 1``; a one-line error
+    naming ``model`` when the clips do not fit it (the frame models' shared first step)."""
+    _, channels, mels, frames = spec.shape
+    if (channels, mels) != tuple(input_shape[:2]) or frames < context:
+        raise DataError(f"spectrograms of shape {tuple(spec.shape[1:])} do not fit {model} "
+                        f"built for {tuple(input_shape[:2])} (channels, mels) and {context} "
+                        "frames a window")
+    z = (spec.float() - mean.to(spec.device)) / std.to(spec.device)
+    return z.unfold(3, context, 1)
 
 
 class SpectrogramModel(nn.Module):

@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from stethoscope.errors import DataError
-from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
+from stethoscope.models.base import (
+    SpectrogramModel,
+    per_mel_mean_std,
+    standardised_windows,
+)
 from stethoscope.models.registry import register
 from stethoscope.scoring import pool_scores
 
@@ -53,14 +57,9 @@ class FrameKNN(SpectrogramModel):
     # ------------------------------------------------------------------ windows
     def windows(self, spec: torch.Tensor) -> torch.Tensor:
         """Standardised windows ``(B, W, C*M*context)`` of spectrograms ``(B, C, M, F)``."""
-        batch, channels, mels, frames = spec.shape
-        if (channels, mels) != self.input_shape[:2] or frames < self.context:
-            raise DataError(f"spectrograms of shape {tuple(spec.shape[1:])} do not fit "
-                            f"frame-knn built for {self.input_shape[:2]} (channels, mels) and "
-                            f"{self.context} frames a window")
-        z = (spec.float() - self.mel_mean) / self.mel_std
-        w = z.unfold(3, self.context, 1)  # (B, C, M, W, context)
-        return w.permute(0, 3, 1, 2, 4).reshape(batch, frames - self.context + 1, -1)
+        w = standardised_windows(spec, self.mel_mean, self.mel_std, self.context,
+                                 self.input_shape, "frame-knn")  # (B, C, M, W, context)
+        return w.permute(0, 3, 1, 2, 4).reshape(w.shape[0], w.shape[3], -1)
 
     def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.windows(spec).flatten(0, 1)

@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from stethoscope.errors import DataError
-from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
+from stethoscope.models.base import (
+    SpectrogramModel,
+    per_mel_mean_std,
+    standardised_windows,
+)
 from stethoscope.models.registry import register
 
 
@@ -58,14 +62,9 @@ class IDNN(SpectrogramModel):
 
     def _windows(self, spec: torch.Tensor) -> torch.Tensor:
         """Standardised windows ``(B, W, context, C*M)``."""
-        batch, channels, mels, frames = spec.shape
-        if (channels, mels) != self.input_shape[:2] or frames < self.context:
-            raise DataError(f"spectrograms of shape {tuple(spec.shape[1:])} do not fit idnn "
-                            f"built for {self.input_shape[:2]} (channels, mels) and "
-                            f"{self.context} frames a window")
-        z = (spec.float() - self.mel_mean.to(spec.device)) / self.mel_std.to(spec.device)
-        w = z.unfold(3, self.context, 1)  # (B, C, M, W, context)
-        return w.permute(0, 3, 4, 1, 2).reshape(batch, frames - self.context + 1, self.context, -1)
+        w = standardised_windows(spec, self.mel_mean, self.mel_std, self.context,
+                                 self.input_shape, "idnn")  # (B, C, M, W, context)
+        return w.permute(0, 3, 4, 1, 2).reshape(w.shape[0], w.shape[3], self.context, -1)
 
     def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outer frames ``(B*W, (context-1)*C*M)`` → centre frame ``(B*W, C*M)``."""
