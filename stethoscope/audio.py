@@ -230,3 +230,20 @@ def _check_not_silent(path: Path, wave: np.ndarray, channels: ChannelSpec,
     where = f"channel {channels} " if isinstance(channels, int) and n_channels > 1 else ""
     raise AudioError(f"{where}is silent (all samples are zero); check the microphone "
                      "or the recording", path)
+
+
+def select_channels(wave: np.ndarray, channels: ChannelSpec, source: str | Path = "audio"
+                    ) -> np.ndarray:
+    """Pick ``channels`` (index, "mean" or "all") of a float32 waveform ``(C, n)`` already
+    in memory, the same choice :func:`read_wav` makes for a file.
+
+    >>> select_channels(np.ones((2, 4), np.float32), "mean").shape
+    (1, 4)
+    """
+    channels = parse_channels(channels)
+    _check_channel_exists(Path(str(source)), wave.shape[0], channels)
+    if channels == "mean":
+        return wave.mean(axis=0, keepdims=True, dtype=np.float32)
+    if channels == "all":
+        return wave
+    return wave[channels:channels + 1]

@@ -9,6 +9,7 @@ array([0])
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -20,15 +21,24 @@ import torch
 from torch.utils.data import Dataset
 
 from stethoscope.datasets import Clip, find_clips
-from stethoscope.errors import DataError, ModelFileError
+from stethoscope.audio import select_channels
+from stethoscope.errors import AudioError, DataError, ModelFileError, StethoscopeError
 from stethoscope.features import (
     FeatureConfig,
+    crop_frames,
     extract_features,
     iter_chunks,
     load_feature_array,
+    logmel,
 )
 from stethoscope.models import registry
-from stethoscope.scoring import Threshold, parse_threshold, pool_scores
+from stethoscope.scoring import (
+    RecordingScore,
+    Threshold,
+    WindowScore,
+    parse_threshold,
+    pool_scores,
+)
 from stethoscope.storage import load_model, save_model
 from stethoscope.training import (
     History,
@@ -373,6 +383,90 @@ class Detector:
         parts = [self.score_features(specs, _source_name(X, clips))
                  for specs, clips in self.iter_features(X)]
         return np.concatenate(parts)
+
+    def score_recordings(self, X: Inputs, *, on_error: str = "collect"
+                         ) -> list[RecordingScore]:
+        """Score every recording of ``X`` and say, per recording, its score, verdict and
+        windows, or why it could not be scored.
+
+        Parameters
+        ----------
+        X : WAV files, folders, list files or Clips.
+        on_error : ``"collect"`` (default): an unreadable recording, or one whose score is
+            not finite, gets a :class:`RecordingScore` with ``error`` set and the others are
+            still scored; ``"raise"``: the first such problem raises its StethoscopeError.
+
+        Returns
+        -------
+        list of RecordingScore, in the order of the recordings found.
+        """
+        if on_error not in ("collect", "raise"):
+            raise ValueError(f"on_error must be 'collect' or 'raise', not {on_error!r}")
+        self._check_fitted()
+        clips = self.find_recordings(X)
+        results: list[RecordingScore] = []
+        for start in range(0, len(clips), 64):
+            results += self._score_chunk(clips[start:start + 64], on_error)
+        return results
+
+    def _score_chunk(self, clips: list[Clip], on_error: str) -> list[RecordingScore]:
+        try:
+            specs, _ = self.load_features(clips)
+        except StethoscopeError:
+            if on_error == "raise" or len(clips) == 1:
+                if on_error == "raise":
+                    raise
+                return [self._failed(clips[0], sys.exc_info()[1])]
+            return [result for clip in clips for result in self._score_chunk([clip], on_error)]
+        self._check_shape(specs, _source_name(clips, clips))
+        scores = self._scores(specs)
+        out = []
+        for clip, spec, score in zip(clips, specs, scores, strict=True):
+            if not np.isfinite(score):
+                error = DataError("its score is not finite (NaN or infinite); the recording "
+                                  "holds values the model cannot use", clip.path)
+                if on_error == "raise":
+                    raise error
+                out.append(self._failed(clip, error))
+                continue
+            out.append(self._recording_score(str(clip.path), float(score), spec.shape[-1]))
+        return out
+
+    def _recording_score(self, path: str | None, score: float, frames: int) -> RecordingScore:
+        cfg = self.feature_config_
+        duration = max(frames - 1, 0) * cfg.hop_length / cfg.sample_rate
+        anomalous = bool(score > self.threshold_.value_)
+        return RecordingScore(path, score, anomalous,
+                              [WindowScore(0.0, duration, score, anomalous)])
+
+    @staticmethod
+    def _failed(clip: Clip, error: BaseException) -> RecordingScore:
+        return RecordingScore(str(clip.path), error=str(error))
+
+    def score_waveform(self, wave: np.ndarray, sample_rate: int, *,
+                       source: str | None = None) -> RecordingScore:
+        """Score audio already in memory, ``float32 (C, n)`` or ``(n,)`` in [-1, 1] at
+        ``sample_rate`` Hz (a stream's window, an upload), with the model's features.
+
+        Raises
+        ------
+        AudioError
+            when the sample rate differs from the model's or the audio is not finite.
+        """
+        self._check_fitted()
+        cfg = self.feature_config_
+        wave = np.asarray(wave, dtype=np.float32)
+        wave = wave[None] if wave.ndim == 1 else wave
+        name = source or "audio"
+        if sample_rate != cfg.sample_rate:
+            raise AudioError(f"sample rate {sample_rate} Hz differs from the model's "
+                             f"{cfg.sample_rate} Hz", name)
+        if not np.isfinite(wave).all():
+            raise AudioError("audio holds NaN or infinite samples", name)
+        wave = select_channels(wave, cfg.channels, name)
+        spec = crop_frames(logmel(wave, cfg), cfg.frames, name)[None]
+        self._check_shape(spec, name)
+        return self._recording_score(source, float(self._scores(spec)[0]), spec.shape[-1])
 
     def decision_function(self, X: Inputs) -> np.ndarray:
         """Score minus threshold: positive means anomalous."""

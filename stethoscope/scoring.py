@@ -252,3 +252,49 @@ def parse_threshold(spec: str) -> Threshold:
         raise ValueError(f"bad threshold {spec!r}: {err}") from None
     raise ValueError(f"unknown threshold {spec!r}; use one of: {', '.join(THRESHOLD_SPECS)} "
                      "(mean+Kstd, pQ, gamma[:Q], value:V)")
+
+
+# ---- results of scoring recordings -----------------------------------------------------
+
+
+@dataclass
+class WindowScore:
+    """One window of a recording: where it starts and ends (seconds), its score and verdict."""
+
+    start_s: float
+    end_s: float
+    score: float
+    anomalous: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start_s": round(self.start_s, 6), "end_s": round(self.end_s, 6),
+                "score": _json_float(self.score), "anomalous": bool(self.anomalous)}
+
+
+@dataclass
+class RecordingScore:
+    """What scoring one recording gave: its score and verdict over its windows, or the
+    one-line error that kept it from being scored (then ``score`` and ``anomalous`` are
+    None and ``windows`` is empty)."""
+
+    path: str | None
+    score: float | None = None
+    anomalous: bool | None = None
+    windows: list[WindowScore] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON data (NaN and infinities become null)."""
+        return {"path": self.path, "score": _json_float(self.score),
+                "anomalous": self.anomalous, "error": self.error,
+                "windows": [w.to_dict() for w in self.windows]}
+
+
+def _json_float(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
