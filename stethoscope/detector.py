@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stethoscope.datasets import Clip, find_clips
 from stethoscope.audio import select_channels
+from stethoscope.datasets import Clip, find_clips
 from stethoscope.errors import AudioError, DataError, ModelFileError, StethoscopeError
 from stethoscope.features import (
     FeatureConfig,
