@@ -8,7 +8,6 @@ array([0])
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from stethoscope.features import (
     logmel,
 )
 from stethoscope.models import registry
+from stethoscope.progress import progress_enabled
 from stethoscope.scoring import (
     RecordingScore,
     Threshold,
@@ -75,10 +75,6 @@ class SpectrogramDataset(Dataset):
         if isinstance(item, slice):
             return np.asarray(self.specs[self.indices[item]])
         return torch.from_numpy(np.array(self.specs[self.indices[item]], dtype=np.float32))
-
-
-def _progress_default() -> bool:
-    return os.environ.get("STETHOSCOPE_PROGRESS", "1") != "0"
 
 
 class Detector:
@@ -168,7 +164,7 @@ class Detector:
         return parse_threshold(self.threshold)
 
     def _show_progress(self) -> bool:
-        return _progress_default() if self.progress is None else self.progress
+        return progress_enabled(self.progress)
 
     # ---------------------------------------------------------------- inputs
     def load_features(self, X: Inputs, config: FeatureConfig | None = None, *,
@@ -467,6 +463,16 @@ class Detector:
         spec = crop_frames(logmel(wave, cfg), cfg.frames, name)[None]
         self._check_shape(spec, name)
         return self._recording_score(source, float(self._scores(spec)[0]), spec.shape[-1])
+
+    def refit_threshold(self, threshold: str | Threshold) -> Detector:
+        """Replace the fitted decision threshold without retraining: ``threshold`` (a rule
+        as in ``__init__``) is fitted on the same held-out normal scores (``train_scores_``)
+        as the one chosen at training time. Returns self."""
+        self._check_fitted()
+        rule = (Threshold.from_dict(threshold.to_dict()) if isinstance(threshold, Threshold)
+                else parse_threshold(threshold))
+        self.threshold_ = rule.fit(self.train_scores_)
+        return self
 
     def decision_function(self, X: Inputs) -> np.ndarray:
         """Score minus threshold: positive means anomalous."""

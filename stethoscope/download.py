@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stethoscope.errors import DataError, DownloadError
+from stethoscope.progress import progress_bar
 
 __all__ = [
     "DATASETS",
@@ -231,31 +232,11 @@ def _range_start(headers) -> int | None:
         return None
 
 
-def progress_enabled(progress: bool) -> bool:
-    """Progress bars are on unless the caller or ``STETHOSCOPE_PROGRESS=0`` turns them off."""
-    return progress and os.environ.get("STETHOSCOPE_PROGRESS", "1") not in ("0", "false", "")
-
-
 @contextmanager
 def _progress_bar(progress: bool, name: str, total: int | None, done: int) -> Iterator:
-    """Yield ``advance(n)``; a rich bar with bytes, speed and ETA when enabled."""
-    if not progress_enabled(progress):
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(name, total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
+    """Yield ``advance(n)``: a bar with bytes, speed and ETA (:mod:`stethoscope.progress`)."""
+    with progress_bar(total, name, enabled=progress, unit="bytes", done=done) as bar:
+        yield bar.advance
 
 
 # --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch import nn
 
 from stethoscope.audio import parse_channels, read_wav
 from stethoscope.errors import AudioError, DataError
+from stethoscope.progress import progress_bar
 from stethoscope.runtime import keep_freed_memory
 
 CACHE_VERSION = 2  # bump when the features computed for a given config change
@@ -466,7 +467,8 @@ class _NpyFileSink:
 def _extract(paths: list[Path], config: FeatureConfig, progress: bool, sink) -> None:
     """Pass every clip's ``(C, M, F)`` to ``sink.add`` in order; all must share one shape."""
     first_shape, first_path = None, None
-    with _Progress(progress, len(paths)) as bar, closing(_spectrograms(paths, config)) as specs:
+    with progress_bar(len(paths), "log-mel features", enabled=progress) as bar, \
+            closing(_spectrograms(paths, config)) as specs:
         for i, (path, spec) in enumerate(specs):
             if first_shape is None:
                 first_shape, first_path = spec.shape, path
@@ -511,31 +513,6 @@ def _logmel_batch(waves: list[np.ndarray], module: LogMel) -> list[np.ndarray]:
             for j, i in enumerate(indices):
                 specs[i] = result[j]
     return specs  # type: ignore[return-value]
-
-
-class _Progress:
-    """A rich bar over clips while computing features; does nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled:
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=False)
-            self.task = self.bar.add_task("log-mel features", total=total)
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ---------------------------------------------------------------------------- arrays

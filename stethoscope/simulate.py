@@ -16,12 +16,12 @@ the same seed gives bit-identical output, and a faulty clip with seed ``s`` is t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
-import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import soundfile as sf
 from scipy.signal import oaconvolve
 
 from stethoscope.errors import DataError
+from stethoscope.progress import progress_bar
 
 __all__ = [
     "FAULTS",
@@ -980,24 +981,8 @@ def simulate_dataset(machine: str, n_normal: int, n_abnormal: int, out: str | Pa
     return folder
 
 
-class _progress:
-    """A rich progress bar over clips, or nothing when disabled (STETHOSCOPE_PROGRESS=0)."""
-
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self.enabled = enabled and os.environ.get("STETHOSCOPE_PROGRESS", "1") not in (
-            "0", "false", "")
-        self.description, self.total = description, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    """Yield ``advance()`` for a bar over clips (:mod:`stethoscope.progress`)."""
+    with progress_bar(total, description, enabled=enabled) as bar:
+        yield bar.advance

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stethoscope.features import release_mapped_pages
+from stethoscope.progress import progress_bar
 from stethoscope.runtime import keep_freed_memory
 
 Batch = tuple[torch.Tensor, ...]
@@ -201,44 +202,6 @@ def _steps(
         yield x[idx], y[idx]
 
 
-class _Progress:
-    """A rich progress bar over epochs × batches showing loss and ETA; silent when disabled."""
-
-    def __init__(self, enabled: bool, total: int, description: str) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.bar.add_task(description, total=total, status="")
-        self.bar.start()
-
-    def advance(self, status: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=1, status=status)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-
 def fit(
     model: nn.Module,
     train: Dataset | torch.Tensor | np.ndarray | tuple,
@@ -281,8 +244,8 @@ def fit(
     history = History()
     best_loss, best_state, waited = math.inf, None, 0
     steps_per_epoch = len(train_loader) + (len(val_loader) if val_loader else 0)
-    progress = _Progress(config.progress, config.epochs * steps_per_epoch, description)
-    try:
+    with progress_bar(config.epochs * steps_per_epoch, description,
+                      enabled=config.progress) as progress:
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
             values = _run_epoch(model, train_loader, loss_fn, metrics, optimizer, device, dtype,
@@ -303,8 +266,6 @@ def fit(
                 if config.patience is not None and waited >= config.patience:
                     history.stopped_early = True
                     break
-    finally:
-        progress.close()
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -322,7 +283,7 @@ def _run_epoch(
     config: TrainConfig,
     transform: BatchTransform | None,
     generator: torch.Generator,
-    progress: _Progress,
+    progress,
     epoch: int,
 ) -> dict[str, float]:
     """One pass over ``loader``; trains when ``optimizer`` is given, else only evaluates."""
@@ -349,7 +310,7 @@ def _run_epoch(
                 for name, fn in metrics.items():
                     totals[name] += float(fn(out.detach().float(), y)) * n
             phase = "train" if training else "val"
-            progress.advance(f"epoch {epoch} {phase} loss {totals['loss'] / max(count, 1):.4g}")
+            progress.advance(status=f"epoch {epoch} {phase} loss {totals['loss'] / max(count, 1):.4g}")
             batches += 1
             if batches % RELEASE_PAGES_EVERY == 0:  # memory-mapped corpus: stay flat in N
                 release_mapped_pages(loader.dataset)

@@ -40,6 +40,7 @@ from stethoscope.models.mnist import (
     classification_loss,
     reconstruction_loss,
 )
+from stethoscope.progress import progress_enabled
 from stethoscope.storage import atomic_directory, atomic_write_text, load_model, save_model
 from stethoscope.training import History, TrainConfig, fit, predict, seed_everything
 
@@ -112,13 +113,7 @@ def train_config(model_name: str, *, epochs: int | None = None, batch_size: int 
         if value < 1:
             raise ValueError(f"{key} must be at least 1, not {value}")
     return TrainConfig(**defaults, patience=None, restore_best=False, seed=seed,
-                       precision=precision, progress=_progress_enabled(progress))
-
-
-def _progress_enabled(progress: bool) -> bool:
-    from stethoscope.download import progress_enabled
-
-    return progress_enabled(progress)
+                       precision=precision, progress=progress_enabled(progress))
 
 
 def train_network(model_name: str, data: LabData, config: TrainConfig, *,
