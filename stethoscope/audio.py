@@ -23,6 +23,13 @@ from stethoscope.errors import AudioError
 ChannelSpec = int | Literal["mean", "all"]
 
 SILENCE_LEVEL = 1e-7  # below the smallest non-zero 24-bit sample (1.2e-7): digital silence
+# Bounds on what a header may declare, checked before anything is allocated.
+MIN_SAMPLE_RATE = 1_000  # Hz; a "1 Hz" header resampled to 16 kHz would need 16000x memory
+MAX_SAMPLE_RATE = 768_000  # Hz; the highest rate of audio interfaces
+MAX_CHANNELS = 256
+MAX_DURATION_S = 7 * 24 * 3600.0  # a week of audio; longer headers are corrupt
+MAX_DECODED_BYTES = 4 << 30  # one recording read whole (read_wav), or after resampling
+MAX_FLOAT_SAMPLE = 1e6  # float samples are nominally within ±1; this is far beyond audio
 _FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
 # Integer samples are read as integers and scaled in numpy: libsndfile's own int→float
 # conversion is ~5x slower, and reading dominates feature extraction otherwise.
@@ -68,6 +75,7 @@ def audio_info(path: str | Path) -> AudioInfo:
     """
     path = Path(path)
     info = _soundfile_info(path)
+    _check_header_bounds(path, info)
     _check_not_truncated(path, info)
     return AudioInfo(path=path, sample_rate=int(info.samplerate), channels=int(info.channels),
                      frames=int(info.frames), duration=float(info.duration),
@@ -91,22 +99,35 @@ def read_wav(path: str | Path, *, channels: ChannelSpec = 0, sample_rate: int | 
     _check_channel_exists(path, info.channels, channels)
     _check_sample_rate(path, info.sample_rate, sample_rate, resample)
     data, scale = _read_samples(path, info)
-    if info.subtype in _FLOAT_SUBTYPES and not np.isfinite(data).all():
-        raise AudioError("contains NaN or infinite samples; the recording is corrupt", path)
+    if info.subtype in _FLOAT_SUBTYPES:
+        check_float_samples(data, path)
     wave = _select_channels(data, channels, scale)
     _check_not_silent(path, wave, channels, info.channels)
     rate = info.sample_rate
     if sample_rate is not None and sample_rate != rate:
-        wave, rate = resample_wave(wave, rate, sample_rate), sample_rate
+        wave, rate = resample_wave(wave, rate, sample_rate, source=path), sample_rate
     return wave, rate
 
 
-def resample_wave(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Resample ``(C, n)`` along the last axis with scipy's polyphase filter (float32 out)."""
+def resample_wave(wave: np.ndarray, from_rate: int, to_rate: int, *,
+                  source: str | Path | None = None) -> np.ndarray:
+    """Resample ``(C, n)`` along the last axis with scipy's polyphase filter (float32 out).
+
+    Raises AudioError (naming ``source``) when a rate is outside [MIN_SAMPLE_RATE,
+    MAX_SAMPLE_RATE] or the result would exceed MAX_DECODED_BYTES, before allocating it.
+    """
     from scipy.signal import resample_poly
 
     if from_rate == to_rate:
         return wave
+    for rate in (from_rate, to_rate):
+        _check_rate(source, rate)
+    channels = int(np.prod(wave.shape[:-1]))
+    out_bytes = math.ceil(wave.shape[-1] * to_rate / from_rate) * channels * 4
+    if out_bytes > MAX_DECODED_BYTES:
+        raise AudioError(f"resampling from {from_rate} to {to_rate} Hz would need "
+                         f"{out_bytes / 2**30:.1f} GiB (the limit is "
+                         f"{MAX_DECODED_BYTES / 2**30:.0f} GiB)", source)
     g = math.gcd(int(from_rate), int(to_rate))
     out = resample_poly(wave, int(to_rate) // g, int(from_rate) // g, axis=-1)
     return np.ascontiguousarray(out, dtype=np.float32)
@@ -136,6 +157,35 @@ def _libsndfile_reason(err: Exception) -> str:
     # "Error opening '/x.wav': Format not recognised." -> "Format not recognised"
     reason = text.split("': ", 1)[-1] if "': " in text else text
     return reason.strip().rstrip(".") or "unknown error"
+
+
+def _check_rate(path: Path | str | None, rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} "
+                         "Hz; the header is corrupt or this is not a sound recording", path)
+
+
+def _check_header_bounds(path: Path, info) -> None:
+    """Reject headers declaring rates, channels or lengths no recording has."""
+    _check_rate(path, int(info.samplerate))
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise AudioError(f"header declares {info.channels} channels; at most {MAX_CHANNELS} "
+                         "are supported", path)
+    if info.frames < 0 or info.frames / info.samplerate > MAX_DURATION_S:
+        raise AudioError(f"header declares {info.frames} frames "
+                         f"({info.frames / info.samplerate / 3600:.0f} h); the header is corrupt",
+                         path)
+
+
+def check_float_samples(data: np.ndarray, path: str | Path) -> None:
+    """Reject float samples that are NaN, infinite or beyond ±MAX_FLOAT_SAMPLE: no sound
+    is stored that way, and one such sample would turn every feature of the clip to inf."""
+    if not np.isfinite(data).all():
+        raise AudioError("contains NaN or infinite samples; the recording is corrupt", path)
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if peak > MAX_FLOAT_SAMPLE:
+        raise AudioError(f"holds a sample of magnitude {peak:.3g}; float samples lie within "
+                         f"±1 (at most ±{MAX_FLOAT_SAMPLE:g}): the recording is corrupt", path)
 
 
 def _declared_data_bytes(path: Path) -> tuple[int, int] | None:
@@ -199,6 +249,11 @@ def _read_samples(path: Path, info: AudioInfo) -> tuple[np.ndarray, float]:
     """Samples ``(n, C)`` as stored (int16/int32 or float32) and the factor to [-1, 1]."""
     if info.frames == 0:
         raise AudioError("is empty (0 samples)", path)
+    decoded = info.frames * info.channels * 4
+    if decoded > MAX_DECODED_BYTES:
+        raise AudioError(f"holds {info.duration:.0f} s of {info.channels}-channel audio "
+                         f"({decoded / 2**30:.1f} GiB decoded); at most "
+                         f"{MAX_DECODED_BYTES / 2**30:.0f} GiB is read at once", path)
     dtype, scale = _INTEGER_READS.get(info.subtype, ("float32", 1.0))
     try:
         data, _ = sf.read(str(path), dtype=dtype, always_2d=True)
@@ -247,3 +302,4 @@ def select_channels(wave: np.ndarray, channels: ChannelSpec, source: str | Path 
     if channels == "all":
         return wave
     return wave[channels:channels + 1]
+

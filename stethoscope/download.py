@@ -39,6 +39,7 @@ __all__ = [
     "download_dataset",
     "download_file",
     "extract_archive",
+    "total_size_text",
 ]
 
 USER_AGENT = "stethoscope-downloader/1 (python urllib)"
@@ -514,6 +515,20 @@ def dataset_files(name: str, *, machine: str | None = None,
             if (machine is None or f.machine == machine) and (snr is None or f.snr == snr)]
 
 
+def total_size_text(files: Iterable[RemoteFile]) -> str:
+    """What the archives weigh, as far as the catalogue knows: ``"about 31.0 GB"``,
+    ``"at least 7.5 GB (2 archives of unknown size)"`` or ``"size not published"``."""
+    files = list(files)
+    known = [f.approx_gb for f in files if f.approx_gb is not None]
+    unknown = len(files) - len(known)
+    if not known:
+        return "size not published"
+    total = f"{sum(known):.1f} GB"
+    if not unknown:
+        return f"about {total}"
+    return f"at least {total} ({unknown} archive{'s' if unknown > 1 else ''} of unknown size)"
+
+
 def download_dataset(name: str, *, machine: str | None = None,
                      machine_id: str | Iterable[str] | None = None,
                      snr: str | int | None = None, out: str | Path,
@@ -529,7 +544,7 @@ def download_dataset(name: str, *, machine: str | None = None,
     already in place is not fetched again. ``base_url`` replaces ``https://zenodo.org``.
     Returns ``out``.
     """
-    from stethoscope.storage import atomic_write_text  # lazy: storage imports torch
+    from stethoscope.atomic import atomic_write_text
 
     info = _dataset(name)
     ids = _normalise_ids(machine_id, info)

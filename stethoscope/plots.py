@@ -9,9 +9,10 @@ closes it so long runs do not leak memory.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import matplotlib
 
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from stethoscope.storage import atomic_write_bytes  # noqa: E402
+from stethoscope.atomic import atomic_write_bytes  # noqa: E402
 
 if TYPE_CHECKING:
     from stethoscope.training import History
@@ -187,36 +188,107 @@ def _as_2d(spec: np.ndarray) -> np.ndarray:
     return spec
 
 
+class SpectrogramAxes(Protocol):
+    """What the axes of a log-mel picture need (a :class:`~stethoscope.features.FeatureConfig`
+    has it): frames are ``hop_length / sample_rate`` seconds apart, ``n_mels`` bands span
+    ``fmin`` to ``fmax_hz`` on the mel scale."""
+
+    sample_rate: int
+    hop_length: int
+    n_mels: int
+    fmin: float
+    fmax_hz: float
+
+
+FREQUENCY_TICKS_HZ = (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000, 64000)
+PANEL_TITLE_SIZE = 9
+CHARS_PER_INCH = 11  # of a 9-point title; wrap titles to what their panel holds
+MAX_TITLE_LINES = 3
+
+
+def _hz_label(hz: float) -> str:
+    return f"{hz / 1000:g}k" if hz >= 1000 else f"{hz:g}"
+
+
+def _mel_band_centres(features: SpectrogramAxes) -> np.ndarray:
+    """Centre frequency (Hz) of each mel band, on the features' Slaney mel scale."""
+    from stethoscope.features import hz_to_mel, mel_to_hz
+
+    edges = np.linspace(hz_to_mel(features.fmin), hz_to_mel(features.fmax_hz),
+                        features.n_mels + 2)
+    return np.asarray(mel_to_hz(edges[1:-1]), dtype=float)
+
+
+def _frequency_axis(ax: Axes, bands: int, features: SpectrogramAxes | None) -> None:
+    """Label mel bands with their frequencies in Hz, when the map has the features' bands."""
+    if features is None or bands != features.n_mels:
+        ax.set_ylabel("mel band")
+        return
+    centres = _mel_band_centres(features)
+    ticks = [hz for hz in FREQUENCY_TICKS_HZ if centres[0] <= hz <= centres[-1]]
+    positions = np.interp(ticks, centres, np.arange(bands) + 0.5)
+    ax.set_yticks(positions, [_hz_label(hz) for hz in ticks])
+    ax.set_ylabel("frequency (Hz, mel scale)")
+
+
+def _clip_seconds(frames: int, features: SpectrogramAxes | None) -> float | None:
+    """Duration covered by ``frames`` log-mel frames, or None without feature settings."""
+    if features is None:
+        return None
+    return frames * features.hop_length / features.sample_rate
+
+
 def _show_map(fig: Figure, ax: Axes, image: np.ndarray, title: str, cmap: str,
-              label: str) -> None:
-    """One time × frequency image with its own extent (frames on x, bands on y)."""
+              label: str, *, features: SpectrogramAxes | None = None,
+              seconds: float | None = None) -> None:
+    """One time × frequency image: time in seconds over ``seconds`` (frame indices when
+    unknown), mel bands labelled in Hz when ``features`` describe them."""
     image = _as_2d(image)
     bands, frames = image.shape
+    right = frames if seconds is None else seconds
     mesh = ax.imshow(image, origin="lower", aspect="auto", cmap=cmap,
-                     extent=(0, frames, 0, bands), interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("frame")
-    ax.set_ylabel("mel band")
+                     extent=(0, right, 0, bands), interpolation="nearest")
+    ax.set_title(title, fontsize=PANEL_TITLE_SIZE)
+    ax.set_xlabel("frame" if seconds is None else "time (s)")
+    _frequency_axis(ax, bands, features)
     fig.colorbar(mesh, ax=ax, label=label)
 
 
-def _fit_title(title: str, width: int = 60) -> str:
-    """Shorten long clip names from the left so side-by-side titles never overlap."""
-    return title if len(title) <= width else "…" + title[-(width - 1):]
+def _fit_title(title: str, width: int = 60, max_lines: int = MAX_TITLE_LINES) -> str:
+    """Wrap a title to lines of at most ``width`` characters (long clip names break at
+    any character) so that side-by-side titles never overlap; beyond ``max_lines`` the
+    middle of the text is dropped."""
+    lines: list[str] = []
+    for part in title.split("\n"):
+        lines += textwrap.wrap(part, width, break_long_words=True,
+                               break_on_hyphens=False) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + ["…" + lines[-1][-(width - 1):]]
+    return "\n".join(lines)
+
+
+def _title_width(panel_inches: float) -> int:
+    return max(12, int(panel_inches * CHARS_PER_INCH))
 
 
 def plot_spectrograms(specs: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
-                      ncols: int = 2, suptitle: str | None = None) -> Figure:
-    """Log-mel spectrograms side by side (inferno), e.g. normal vs anomalous examples."""
+                      ncols: int = 2, suptitle: str | None = None,
+                      features: SpectrogramAxes | None = None) -> Figure:
+    """Log-mel spectrograms ``(M, F)`` or ``(C, M, F)`` side by side (inferno), e.g. normal
+    vs anomalous examples. With ``features`` (the model's FeatureConfig) time is in
+    seconds and bands are labelled in Hz; titles wrap to their panel."""
     if not specs:
         raise ValueError("plot_spectrograms needs at least one spectrogram")
     titles = list(titles) if titles is not None else [f"clip {i}" for i in range(len(specs))]
     ncols = min(ncols, len(specs))
     nrows = -(-len(specs) // ncols)
-    fig, axes = new_figure(nrows, ncols, width=4.5 * ncols, height=3.2 * nrows)
+    panel = 4.5
+    fig, axes = new_figure(nrows, ncols, width=panel * ncols, height=3.4 * nrows)
     axes = np.atleast_1d(axes).ravel()
     for ax, spec, title in zip(axes, specs, titles, strict=False):
-        _show_map(fig, ax, spec, title, "inferno", "log-mel")
+        frames = _as_2d(spec).shape[1]
+        _show_map(fig, ax, spec, _fit_title(title, _title_width(panel - 1.0)), "inferno",
+                  "log-mel (dB)", features=features, seconds=_clip_seconds(frames, features))
     for ax in axes[len(specs):]:
         ax.set_axis_off()
     if suptitle:
@@ -226,22 +298,27 @@ def plot_spectrograms(specs: Sequence[np.ndarray], titles: Sequence[str] | None 
 
 def plot_error_maps(specs: Sequence[np.ndarray], error_maps: Sequence[np.ndarray],
                     titles: Sequence[str] | None = None, *,
-                    suptitle: str | None = None) -> Figure:
+                    suptitle: str | None = None,
+                    features: SpectrogramAxes | None = None) -> Figure:
     """For each clip, its log-mel (left) and its reconstruction-error map (right): where
     in time and frequency the clip sounds wrong. The two may differ in shape (frame models
-    report fewer frames), so each panel gets its own extent."""
+    report fewer frames), so each panel gets its own extent; with ``features`` both span
+    the clip's duration in seconds and bands are labelled in Hz."""
     if len(specs) != len(error_maps):
         raise ValueError(f"{len(specs)} spectrograms but {len(error_maps)} error maps")
     if not specs:
         raise ValueError("plot_error_maps needs at least one clip")
     titles = list(titles) if titles is not None else [f"clip {i}" for i in range(len(specs))]
-    fig, axes = new_figure(len(specs), 2, width=12.0, height=3.3 * len(specs))
+    fig, axes = new_figure(len(specs), 2, width=12.0, height=3.5 * len(specs))
     axes = np.asarray(axes).reshape(len(specs), 2)
+    width = _title_width(6.0 - 1.2)
     for (ax_spec, ax_err), spec, err, title in zip(axes, specs, error_maps, titles,
                                                    strict=True):
-        _show_map(fig, ax_spec, spec, f"{_fit_title(title)}\nlog-mel", "inferno", "log-mel")
-        _show_map(fig, ax_err, err, f"{_fit_title(title)}\ndeviation from normal", "magma",
-                  "squared deviation")
+        seconds = _clip_seconds(_as_2d(spec).shape[1], features)
+        _show_map(fig, ax_spec, spec, _fit_title(f"{title}\nlog-mel", width), "inferno",
+                  "log-mel (dB)", features=features, seconds=seconds)
+        _show_map(fig, ax_err, err, _fit_title(f"{title}\ndeviation from normal", width),
+                  "magma", "squared deviation", features=features, seconds=seconds)
     if suptitle:
         fig.suptitle(suptitle)
     return fig

@@ -1,8 +1,9 @@
 """HTML and Markdown pages that assemble figures, tables and numbers.
 
 :class:`Report` collects blocks (headings, paragraphs, figures, tables) and writes them as
-a self-contained ``index.html`` (inline CSS, figures referenced by relative path) and a
-``report.md``. :func:`write_evaluation_report` builds the detector's evaluation page.
+a self-contained ``index.html`` (inline CSS, figures referenced by paths relative to the
+page, so the folder works wherever it is moved or opened from) and a ``report.md``.
+:func:`write_evaluation_report` builds the detector's evaluation page.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stethoscope import plots
+from stethoscope.atomic import atomic_directory, atomic_write_text
 from stethoscope.errors import DataError
-from stethoscope.storage import atomic_directory, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from stethoscope.plots import SpectrogramAxes
     from stethoscope.scoring import Threshold
     from stethoscope.training import History
+
+REPORT_KIND = "report"
+THRESHOLD_CHOICES = ("mean+2std", "mean+3std", "p95", "p99", "gamma:0.9", "fpr:0.01",
+                     "fpr:0.05", "fpr:0.1")
+LOW_RECALL = 0.5  # below this share of anomalies found, the report suggests other rules
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1000px;
@@ -96,7 +103,8 @@ class Report:
         return self
 
     def add_figure(self, png_path: str | Path, caption: str = "") -> Report:
-        """A figure by path; written pages refer to it relative to the report folder."""
+        """A figure by path (absolute, or relative to the working directory); written pages
+        refer to it relative to the folder they are written to."""
         self.blocks.append(_Block("figure", {"path": Path(png_path), "caption": str(caption)}))
         return self
 
@@ -130,10 +138,12 @@ class Report:
 
     # ---- rendering -------------------------------------------------------------------
 
-    def _relative(self, path: Path, directory: Path) -> str:
-        if not path.is_absolute():
-            return path.as_posix()
-        return Path(os.path.relpath(path, directory)).as_posix()
+    @staticmethod
+    def _relative(path: Path, directory: Path) -> str:
+        """``path`` as seen from a page in ``directory``, both taken from the working
+        directory when relative, so the link holds wherever the folder is opened from."""
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(directory))
+                    ).as_posix()
 
     def to_html(self, directory: str | Path = ".") -> str:
         directory = Path(directory)
@@ -309,6 +319,8 @@ def write_evaluation_report(
     model_description: str = "",
     n_examples: int = 2,
     n_top: int = 3,
+    features: SpectrogramAxes | None = None,
+    held_out_scores: Any | None = None,
 ) -> Path:
     """Write the detector's evaluation report folder and return its path.
 
@@ -324,7 +336,13 @@ def write_evaluation_report(
     ``(C, M, F)``; the error map ``(M', F')``) as a callable ``i -> array`` (only called for
     the few clips shown), a mapping ``{i: array}`` or an indexable array; either may be None
     to leave those figures out. ``n_examples`` normal and anomalous example spectrograms and
-    the ``n_top`` highest-scoring clips' error maps are drawn.
+    the ``n_top`` highest-scoring clips' error maps are drawn. ``features`` (the model's
+    FeatureConfig) puts those figures' axes in seconds and Hz. ``held_out_scores``: the
+    normal scores the threshold was fitted on (``Detector.train_scores_``); with them the
+    report compares other threshold rules on the same clips.
+
+    The folder is a stethoscope ``report`` artefact: an existing ``directory`` is replaced
+    only when it is an empty folder or such a report (OutputError otherwise).
     """
     from stethoscope import metrics as metrics_module
 
@@ -349,7 +367,8 @@ def write_evaluation_report(
     report.add_text(f"{scores.size} clips scored; {int(predictions.sum())} flagged anomalous. "
                     f"Threshold: {threshold.describe()}. A clip is anomalous when its score "
                     "(how far it is from the normal training clips) is above the threshold.")
-    with atomic_directory(directory) as tmp:
+    report.add_text(threshold_statement(threshold, scores, labels))
+    with atomic_directory(directory, kind=REPORT_KIND) as tmp:
         figures = tmp / "figures"
 
         def figure(fig: Figure, name: str, caption: str) -> None:
@@ -357,6 +376,8 @@ def write_evaluation_report(
 
         if metrics is not None:
             _add_metric_tables(report, metrics, metrics_module)
+        if held_out_scores is not None and labels is not None:
+            _add_threshold_table(report, threshold, held_out_scores, scores, labels)
         if history is not None and history.metrics.get("loss"):
             report.add_heading("Training")
             figure(plots.plot_history(history, title="Training loss"), "loss",
@@ -380,7 +401,7 @@ def write_evaluation_report(
                        "ROC curve; the shaded band (false-positive rate ≤ 0.1) is what pAUC "
                        "measures.")
         _add_clip_figures(report, figure, scores, labels, names, spectrograms, error_maps,
-                          n_examples, n_top)
+                          n_examples, n_top, features)
         _add_top_clips_table(report, scores, predictions, labels, names, n_top=10)
 
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_clean({
@@ -396,11 +417,98 @@ def write_evaluation_report(
     return Path(directory)
 
 
+def threshold_statement(threshold: Threshold, scores: np.ndarray,
+                        labels: np.ndarray | None) -> str:
+    """What the threshold rule is and what it does, measured: its false-alarm rate on the
+    held-out normal scores it was fitted on and, with labels, on the test clips."""
+    stats = threshold.stats_
+    parts = [f"Threshold rule: {threshold.spec()} (value {threshold.value_:.4g})."]
+    if stats.get("false_alarm_rate") is not None:
+        parts.append(f"On the {stats.get('n', '?')} held-out normal scores it was fitted on "
+                     f"it flags {100 * stats['false_alarm_rate']:.1f} % (measured false-alarm "
+                     "rate).")
+    elif threshold.rule != "fixed":
+        parts.append("Its false-alarm rate on the held-out normal scores was not recorded "
+                     "(a model saved by an older version; refit with --threshold).")
+    if labels is not None:
+        flagged = scores > threshold.value_
+        normal, anomalous = labels == 0, labels == 1
+        if normal.any():
+            parts.append(f"On this test set it flags {int(flagged[normal].sum())} of "
+                         f"{int(normal.sum())} normal clips "
+                         f"({100 * flagged[normal].mean():.1f} %)")
+        if anomalous.any():
+            found = int(flagged[anomalous].sum())
+            parts.append(f"{'and' if normal.any() else 'It'} finds {found} of "
+                         f"{int(anomalous.sum())} anomalies "
+                         f"({100 * flagged[anomalous].mean():.0f} %).")
+            if flagged[anomalous].mean() < LOW_RECALL:
+                parts.append("That is fewer than half: a lower threshold finds more anomalies "
+                             "at more false alarms; try another rule with --threshold (e.g. "
+                             "fpr:0.05 or fpr:0.1, see the table of threshold choices) "
+                             "without retraining.")
+        elif normal.any():
+            parts[-1] += "."
+    return " ".join(parts)
+
+
+def _add_threshold_table(report: Report, threshold: Threshold, held_out: Any,
+                         scores: np.ndarray, labels: np.ndarray) -> None:
+    """Other rules fitted on the same held-out normal scores, and what each would do here."""
+    from stethoscope.errors import StethoscopeError
+    from stethoscope.scoring import parse_threshold
+
+    held_out = np.asarray(held_out, dtype=np.float64).ravel()
+    normal, anomalous = scores[labels == 0], scores[labels == 1]
+    rows = []
+    for spec in dict.fromkeys([threshold.spec(), *THRESHOLD_CHOICES]):
+        try:
+            rule = threshold if spec == threshold.spec() else parse_threshold(spec).fit(held_out)
+        except (StethoscopeError, ValueError):
+            continue
+        value = rule.value_
+        rows.append({
+            "rule": spec + (" (used)" if spec == threshold.spec() else ""),
+            "value": value,
+            "false alarms, held-out normals": float(np.mean(held_out > value)),
+            "false alarms, test normals": float(np.mean(normal > value)) if normal.size
+            else None,
+            "anomalies found": float(np.mean(anomalous > value)) if anomalous.size else None,
+        })
+    report.add_heading("Threshold choices")
+    report.add_table(rows, caption=f"Rules fitted on the same {held_out.size} held-out normal "
+                                   "scores; rates as fractions. Change the rule without "
+                                   "retraining: --threshold RULE")
+
+
+def unique_metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Metric rows without repeats: a row whose numbers equal an earlier row's (one section
+    is the whole set; its domains are the set's domains) is folded into that row, whose
+    group then names both (``overall = section 00``)."""
+    kept: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(_row_key(v) for k, v in row.items() if k != "group")
+        if key in seen:
+            seen[key]["group"] = f"{seen[key]['group']} = {row['group']}"
+            continue
+        seen[key] = dict(row)
+        kept.append(seen[key])
+    return kept
+
+
+def _row_key(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        return "nan" if math.isnan(float(value)) else round(float(value), 12)
+    return value
+
+
 def _add_metric_tables(report: Report, metrics: Mapping[str, Any], metrics_module: Any) -> None:
     report.add_heading("Metrics")
-    rows = metrics_module.metric_rows(metrics)
+    rows = unique_metric_rows(metrics_module.metric_rows(metrics))
     report.add_table(rows, caption="Overall, per section and per domain (domain AUC as the "
-                                   "DCASE 2023 evaluator computes it)")
+                                   "DCASE 2023 evaluator computes it); groups with the same "
+                                   "clips share a row")
     if metrics.get("dcase"):
         d = metrics["dcase"]
         report.add_metrics({"DCASE 2023 official score": d["score"],
@@ -412,7 +520,8 @@ def _add_metric_tables(report: Report, metrics: Mapping[str, Any], metrics_modul
 def _add_clip_figures(report: Report, figure: Callable[[Figure, str, str], None],
                       scores: np.ndarray, labels: np.ndarray | None, names: list[Any],
                       spectrograms: ArrayLookup | None, error_maps: ArrayLookup | None,
-                      n_examples: int, n_top: int) -> None:
+                      n_examples: int, n_top: int,
+                      features: SpectrogramAxes | None = None) -> None:
     if spectrograms is not None and n_examples > 0:
         picks = [(i, kind, _lookup(spectrograms, i))
                  for i, kind in _example_indices(scores, labels, n_examples)]
@@ -421,7 +530,8 @@ def _add_clip_figures(report: Report, figure: Callable[[Figure, str, str], None]
             report.add_heading("Example spectrograms")
             figure(plots.plot_spectrograms(
                 [spec for _, _, spec in picks],
-                [f"{kind}: {_short(names[i])} (score {scores[i]:.3g})" for i, kind, _ in picks]),
+                [f"{kind}: {_short(names[i])} (score {scores[i]:.3g})" for i, kind, _ in picks],
+                features=features),
                 "spectrograms", "Log-mel spectrograms of typical normal and anomalous clips.")
     if spectrograms is not None and error_maps is not None and n_top > 0:
         top = [int(i) for i in np.argsort(scores)[::-1][:n_top]]
@@ -431,7 +541,8 @@ def _add_clip_figures(report: Report, figure: Callable[[Figure, str, str], None]
             report.add_heading("Where the highest-scoring clips sound wrong")
             figure(plots.plot_error_maps(
                 [spec for _, spec, _ in pairs], [err for _, _, err in pairs],
-                [f"{_short(names[i])} (score {scores[i]:.3g})" for i, _, _ in pairs]),
+                [f"{_short(names[i])} (score {scores[i]:.3g})" for i, _, _ in pairs],
+                features=features),
                 "error_maps", "Left: log-mel spectrogram; right: the model's deviation map per band "
                 "and frame (squared reconstruction error for autoencoders; squared z-score "
                 "against the normal clips for statistics models). Bright areas are where the "

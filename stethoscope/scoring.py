@@ -19,9 +19,9 @@ import scipy.stats
 from stethoscope.errors import DataError
 
 POOLING_RULES = ("mean", "max", "topk:R", "pNN", "median")
-THRESHOLD_RULES = ("meanstd", "percentile", "gamma", "fixed")
-THRESHOLD_SPECS = ("mean+2std", "mean+3std", "p95", "p99.5", "gamma", "gamma:0.95", "value:12.5")
-DEFAULT_Q = {"percentile": 95.0, "gamma": 0.9}
+THRESHOLD_RULES = ("meanstd", "percentile", "gamma", "fpr", "fixed")
+THRESHOLD_SPECS = ("mean+2std", "mean+3std", "p99", "gamma:0.9", "fpr:0.01", "value:12.5")
+DEFAULT_Q = {"percentile": 95.0, "gamma": 0.9, "fpr": 0.05}
 
 
 # ---- pooling --------------------------------------------------------------------------
@@ -127,8 +127,15 @@ class Threshold:
 
     Rules: ``"meanstd"`` (course rule: mean + k·std, population std), ``"percentile"``
     (the q-th percentile, q in [0, 100], default 95), ``"gamma"`` (DCASE 2023 baseline:
-    ``scipy.stats.gamma.fit`` then ``gamma.ppf(q)``, q in (0, 1), default 0.9) and
-    ``"fixed"`` (``value`` as given). A clip is anomalous when its score > ``value_``.
+    ``scipy.stats.gamma.fit`` then ``gamma.ppf(q)``, q in (0, 1), default 0.9), ``"fpr"``
+    (the lowest threshold that flags at most a fraction q of the normal scores, q in
+    (0, 1), default 0.05: a target false-alarm rate) and ``"fixed"`` (``value`` as given).
+    A clip is anomalous when its score > ``value_``.
+
+    ``q=None`` means the rule's default (:attr:`quantile` gives the value in force); it
+    is kept as None so that ``sklearn.base.clone`` sees the parameters it passed.
+    ``stats_`` holds the normal scores' mean, std, n, min, max and the fraction of them
+    above the fitted value (``false_alarm_rate``).
     """
 
     rule: str = "meanstd"
@@ -142,16 +149,24 @@ class Threshold:
         if self.rule not in THRESHOLD_RULES:
             raise ValueError(f"unknown threshold rule {self.rule!r}; valid rules: "
                              f"{', '.join(THRESHOLD_RULES)}")
-        if self.q is None and self.rule in DEFAULT_Q:
-            self.q = DEFAULT_Q[self.rule]
-        if self.rule == "percentile" and not 0 <= self.q <= 100:
-            raise ValueError(f"percentile q must be in [0, 100], not {self.q}")
-        if self.rule == "gamma" and not 0 < self.q < 1:
-            raise ValueError(f"gamma q must be in (0, 1), not {self.q}")
+        if not _finite(self.k):
+            raise ValueError(f"threshold k must be a finite number, not {self.k!r}")
+        if self.q is not None and not _finite(self.q):
+            raise ValueError(f"threshold q must be a finite number, not {self.q!r}")
+        q = self.quantile
+        if self.rule == "percentile" and not 0 <= q <= 100:
+            raise ValueError(f"percentile q must be in [0, 100], not {q}")
+        if self.rule in ("gamma", "fpr") and not 0 < q < 1:
+            raise ValueError(f"{self.rule} q must be in (0, 1), not {q}")
         if self.rule == "fixed":
-            if self.value is None or not math.isfinite(self.value):
+            if self.value is None or not _finite(self.value):
                 raise ValueError("a fixed threshold needs a finite value")
             self.value_ = float(self.value)
+
+    @property
+    def quantile(self) -> float | None:
+        """``q``, or the rule's default when ``q`` is None (None for rules without q)."""
+        return self.q if self.q is not None else DEFAULT_Q.get(self.rule)
 
     @property
     def fitted(self) -> bool:
@@ -167,11 +182,17 @@ class Threshold:
         if self.rule == "meanstd":
             value = stats["mean"] + self.k * stats["std"]
         elif self.rule == "percentile":
-            value = float(np.percentile(scores, self.q))
+            value = float(np.percentile(scores, self.quantile))
         elif self.rule == "gamma":
             value = self._fit_gamma(scores, stats)
+        elif self.rule == "fpr":
+            value = false_alarm_threshold(scores, self.quantile)
         else:
             value = float(self.value)
+        if not math.isfinite(value):
+            raise DataError(f"threshold fit on normal scores: the {self.spec()} rule gave "
+                            f"{value}; choose another rule (--threshold)")
+        stats["false_alarm_rate"] = float(np.mean(scores > value))
         self.value_, self.stats_ = float(value), stats
         return self
 
@@ -183,7 +204,7 @@ class Threshold:
             warnings.simplefilter("ignore", RuntimeWarning)  # optimiser noise on small samples
             shape, loc, scale = scipy.stats.gamma.fit(scores)
         stats.update(gamma_shape=float(shape), gamma_loc=float(loc), gamma_scale=float(scale))
-        return float(scipy.stats.gamma.ppf(self.q, shape, loc=loc, scale=scale))
+        return float(scipy.stats.gamma.ppf(self.quantile, shape, loc=loc, scale=scale))
 
     def predict(self, scores: Any) -> np.ndarray:
         """1 for scores above the threshold (anomalous), 0 otherwise."""
@@ -199,11 +220,26 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Threshold:
+        """The inverse of :meth:`to_dict`. Raises ValueError for a value, parameter or
+        statistic that is NaN, infinite or not a number (a damaged model file)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a threshold must be a JSON object, not {type(data).__name__}")
+        for key in ("k", "q", "value", "value_"):
+            if data.get(key) is not None and not _finite(data[key]):
+                raise ValueError(f"threshold {key} is {data[key]!r}; it must be a finite "
+                                 "number")
+        stats = data.get("stats_") or {}
+        if not isinstance(stats, dict):
+            raise ValueError("threshold stats_ must be a JSON object")
+        for key, value in stats.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"threshold statistic {key} is {value!r}; it must be finite")
         threshold = cls(rule=data.get("rule", "meanstd"), k=float(data.get("k", 2.0)),
-                        q=data.get("q"), value=data.get("value"))
+                        q=None if data.get("q") is None else float(data["q"]),
+                        value=None if data.get("value") is None else float(data["value"]))
         if data.get("value_") is not None:
             threshold.value_ = float(data["value_"])
-        threshold.stats_ = dict(data.get("stats_") or {})
+        threshold.stats_ = dict(stats)
         return threshold
 
     def spec(self) -> str:
@@ -211,9 +247,9 @@ class Threshold:
         if self.rule == "meanstd":
             return f"mean+{self.k:g}std"
         if self.rule == "percentile":
-            return f"p{self.q:g}"
-        if self.rule == "gamma":
-            return f"gamma:{self.q:g}"
+            return f"p{self.quantile:g}"
+        if self.rule in ("gamma", "fpr"):
+            return self.rule if self.q is None else f"{self.rule}:{self.q:g}"
         return f"value:{self.value:g}"
 
     def describe(self) -> str:
@@ -224,34 +260,56 @@ class Threshold:
         if self.rule == "meanstd":
             return f"mean + {self.k:g}·std of {source} = {value}"
         if self.rule == "percentile":
-            return f"{self.q:g}th percentile of {source} = {value}"
+            return f"{self.quantile:g}th percentile of {source} = {value}"
         if self.rule == "gamma":
-            return f"{self.q:g} quantile of a gamma distribution fitted to {source} = {value}"
+            return (f"{self.quantile:g} quantile of a gamma distribution fitted to {source} "
+                    f"= {value}")
+        if self.rule == "fpr":
+            return f"{self.quantile:.3g} false-alarm rate on {source} = {value}"
         return f"fixed value = {value}"
+
+
+def false_alarm_threshold(normal_scores: Any, rate: float) -> float:
+    """The lowest of the normal scores that at most ``rate`` of them lie above: flagging
+    scores above it gives a false-alarm rate of at most ``rate`` on these normal clips.
+
+    >>> false_alarm_threshold([1.0, 2.0, 3.0, 4.0], 0.25)
+    3.0
+    """
+    scores = np.sort(_checked_scores(normal_scores, minimum=1, what="false-alarm threshold"))
+    allowed = math.floor(rate * scores.size + 1e-9)  # clips that may lie above
+    return float(scores[max(scores.size - 1 - allowed, 0)])
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 _MEANSTD = re.compile(r"mean\+([0-9]*\.?[0-9]+)(?:std|sigma|σ)")
 
 
 def parse_threshold(spec: str) -> Threshold:
-    """A :class:`Threshold` from a CLI string: ``mean+2std``, ``p99.5``, ``gamma``,
-    ``gamma:0.95`` or ``value:12.5``."""
+    """A :class:`Threshold` from a CLI string: ``mean+2std``, ``mean+3std``, ``p99.5``,
+    ``gamma``, ``gamma:0.95``, ``fpr:0.01`` (a target false-alarm rate on the held-out
+    normal scores) or ``value:12.5``."""
     text = spec.strip().lower().replace(" ", "")
     try:
         if match := _MEANSTD.fullmatch(text):
             return Threshold("meanstd", k=float(match.group(1)))
         if re.fullmatch(r"p[0-9]*\.?[0-9]+", text):
             return Threshold("percentile", q=float(text[1:]))
-        if text == "gamma":
-            return Threshold("gamma")
-        if text.startswith("gamma:"):
-            return Threshold("gamma", q=float(text[6:]))
+        if text in ("gamma", "fpr"):
+            return Threshold(text)
+        if text.startswith(("gamma:", "fpr:")):
+            rule, _, q = text.partition(":")
+            return Threshold(rule, q=float(q))
         if text.startswith(("value:", "fixed:")):
             return Threshold("fixed", value=float(text[6:]))
     except ValueError as err:
         raise ValueError(f"bad threshold {spec!r}: {err}") from None
     raise ValueError(f"unknown threshold {spec!r}; use one of: {', '.join(THRESHOLD_SPECS)} "
-                     "(mean+Kstd, pQ, gamma[:Q], value:V)")
+                     "(mean+Kstd, pQ, gamma[:Q], fpr:RATE, value:V)")
 
 
 # ---- results of scoring recordings -----------------------------------------------------

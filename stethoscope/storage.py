@@ -1,81 +1,45 @@
-"""Model files and atomic writes.
+"""Model files.
 
-A model is a folder with ``config.json`` (everything needed to rebuild and use it) and
-``model.safetensors`` (weights). Loading never unpickles. Every write goes to a temporary
-name first and is renamed into place, so a crash never leaves a half-written result.
+A model is a folder with ``config.json`` (everything needed to rebuild and use it),
+``model.safetensors`` (weights) and the artefact marker of :mod:`stethoscope.atomic`.
+Loading never unpickles, and every size the files declare is checked against
+:data:`MAX_CONFIG_BYTES` / :data:`MAX_WEIGHTS_BYTES` before anything is allocated. The
+folder is written atomically (:func:`stethoscope.atomic.atomic_directory`); the atomic
+writers are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import stat
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stethoscope.atomic import (  # noqa: F401  (re-exported: older imports use storage)
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 from stethoscope.errors import ModelFileError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces ``path`` in one rename.
-
-    An existing ``path`` is kept untouched if anything inside the block fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+MODEL_KIND = "model"
+MAX_CONFIG_BYTES = 64 << 20  # config.json: settings and held-out scores, kilobytes in practice
+MAX_WEIGHTS_BYTES = 4 << 30  # every registered model is well under 100 MB
+MAX_TENSORS = 10_000
+MAX_TENSOR_DIMS = 8
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1,
+              "F8_E5M2FNUZ": 1, "C64": 8, "U64": 8, "U32": 4, "U16": 2}
 
 
 def save_model(path: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
@@ -84,9 +48,11 @@ def save_model(path: str | Path, config: dict, state_dict: dict[str, torch.Tenso
 
     config = {"format_version": FORMAT_VERSION, "stethoscope_version": __version__, **config}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind=MODEL_KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(tmp / WEIGHTS_NAME))
+        # safetensors creates its file 0600: give it config.json's mode (0666 less the umask)
+        os.chmod(tmp / WEIGHTS_NAME, stat.S_IMODE((tmp / CONFIG_NAME).stat().st_mode))
     return Path(path)
 
 
@@ -104,6 +70,7 @@ def load_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"missing {CONFIG_NAME}; not a stethoscope model", path)
     if not weights_path.is_file():
         raise ModelFileError(f"missing {WEIGHTS_NAME}; the model was not saved completely", path)
+    _check_size(config_path, MAX_CONFIG_BYTES, path)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -116,8 +83,77 @@ def load_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"model format version {version!r} is not supported by this stethoscope "
             f"(reads version {FORMAT_VERSION}); retrain or use the stethoscope version "
             f"{config.get('stethoscope_version', 'that wrote it')}", path)
+    check_weights_header(weights_path, path)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"cannot read weights {WEIGHTS_NAME} ({err})", path) from None
     return config, state
+
+
+def _check_size(file: Path, limit: int, folder: Path) -> None:
+    size = file.stat().st_size
+    if size > limit:
+        raise ModelFileError(f"{file.name} is {size / 2**20:.0f} MiB; a model's is at most "
+                             f"{limit / 2**20:.0f} MiB; not a stethoscope model file", folder)
+
+
+def check_weights_header(weights: str | Path, folder: str | Path | None = None) -> dict:
+    """Read a safetensors file's JSON header and check every tensor it declares (dtype,
+    shape, byte range) against the file and the limits, before any tensor is allocated.
+
+    Returns the header. Raises ModelFileError naming ``folder`` (or the file) otherwise.
+    """
+    weights = Path(weights)
+    where = folder if folder is not None else weights
+
+    def bad(problem: str) -> ModelFileError:
+        return ModelFileError(f"{WEIGHTS_NAME} {problem}", where)
+
+    file_size = weights.stat().st_size
+    with open(weights, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise bad("is too short to be a safetensors file")
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise bad(f"declares a {header_size}-byte header in a {file_size}-byte file")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("has a header that is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("has a header that is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(tensors) > MAX_TENSORS:
+        raise bad(f"declares {len(tensors)} tensors; at most {MAX_TENSORS} are allowed")
+    payload = file_size - 8 - header_size
+    total = sum(_tensor_bytes(name, entry, payload, bad) for name, entry in tensors.items())
+    if total > MAX_WEIGHTS_BYTES:
+        raise bad(f"declares {total / 1e9:.1f} GB of weights; a model's are at most "
+                  f"{MAX_WEIGHTS_BYTES / 1e9:.1f} GB")
+    return header
+
+
+def _tensor_bytes(name: str, entry: object, payload: int, bad) -> int:
+    """Bytes of one declared tensor, after checking its dtype, shape and byte range."""
+    if not isinstance(entry, dict):
+        raise bad(f"tensor {name!r} is not described by an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEM_BYTES:
+        raise bad(f"tensor {name!r} has an unknown dtype {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in shape)):
+        raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+    size = math.prod(shape) * ITEM_BYTES[dtype]
+    if size > MAX_WEIGHTS_BYTES:
+        raise bad(f"tensor {name!r} declares shape {shape} ({size / 1e9:.1f} GB); a model's "
+                  f"weights are at most {MAX_WEIGHTS_BYTES / 1e9:.1f} GB")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= payload
+            or offsets[1] - offsets[0] != size):
+        raise bad(f"tensor {name!r} has byte range {offsets!r}, which does not match its "
+                  f"shape {shape} and {dtype} or the file's {payload} bytes of data")
+    return size

@@ -95,13 +95,13 @@ def test_meanstd_threshold(normal_scores) -> None:
 def test_percentile_threshold(normal_scores) -> None:
     t = Threshold("percentile", q=99.5).fit(normal_scores)
     assert t.value_ == pytest.approx(np.percentile(normal_scores, 99.5))
-    assert Threshold("percentile").q == 95
+    assert Threshold("percentile").quantile == 95 and Threshold("percentile").q is None
 
 
 def test_gamma_threshold_matches_dcase_baseline(normal_scores) -> None:
     t = Threshold("gamma").fit(normal_scores)
     shape, loc, scale = scipy.stats.gamma.fit(normal_scores)
-    assert t.q == 0.9
+    assert t.quantile == 0.9 and t.q is None  # q=None: the rule's default, kept for clone
     assert t.value_ == pytest.approx(scipy.stats.gamma.ppf(0.9, shape, loc=loc, scale=scale))
     assert t.stats_["gamma_shape"] == pytest.approx(shape)
 
@@ -144,7 +144,8 @@ def test_to_dict_round_trips_through_json(normal_scores) -> None:
     ("mean + 2.5std", "meanstd", "k", 2.5),
     ("p95", "percentile", "q", 95.0),
     ("p99.5", "percentile", "q", 99.5),
-    ("gamma", "gamma", "q", 0.9),
+    ("gamma", "gamma", "quantile", 0.9),
+    ("fpr:0.01", "fpr", "q", 0.01),
     ("gamma:0.95", "gamma", "q", 0.95),
     ("value:12.5", "fixed", "value", 12.5),
 ])

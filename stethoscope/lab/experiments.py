@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from stethoscope import plots
+from stethoscope.atomic import atomic_directory, atomic_write_text, claim_folder
 from stethoscope.errors import DataError, ModelFileError
 from stethoscope.lab.mnist_data import find_mnist, read_mnist, validate_mnist_arrays
 from stethoscope.lab.overfitting import overfitting_report
@@ -41,7 +42,7 @@ from stethoscope.models.mnist import (
     reconstruction_loss,
 )
 from stethoscope.progress import progress_enabled
-from stethoscope.storage import atomic_directory, atomic_write_text, load_model, save_model
+from stethoscope.storage import load_model, save_model
 from stethoscope.training import History, TrainConfig, fit, predict, seed_everything
 
 EXPERIMENTS = ("cnn-overfit", "dropout", "dense-ae", "conv-ae")
@@ -60,6 +61,8 @@ LOSSES = {"mnist-cnn": "categorical cross-entropy (softmax in the loss)",
 SUBSET_TEST_FRACTION = 5  # --subset N trains on N images and validates on N // 5
 IN_MEMORY = "arrays in memory"
 REPORT_TITLE = "stethoscope lab: MNIST CNN, dropout and autoencoders"
+LAB_KIND = "lab"  # the --out folder: experiment folders and the report
+RUN_KIND = "lab-run"  # one experiment's folder
 
 
 @dataclass
@@ -171,7 +174,7 @@ def run_lab(experiments: Sequence[str] | str, *,
     ``report.md``) covers every experiment folder present in ``out``.
     """
     names = expand_experiments(experiments)
-    out = Path(out)
+    out = claim_folder(out, LAB_KIND)
     lab_data = prepare_data(data, subset=subset, progress=progress)
     trainer = _Trainer()
     for name in names:
@@ -200,7 +203,10 @@ def run_experiment(name: str, *,
                    out: str | Path, epochs: int | None = None, subset: int | None = None,
                    batch_size: int | None = None, seed: int = 0, progress: bool = True,
                    precision: str = "fp32", _trainer: _Trainer | None = None) -> Path:
-    """Run one experiment into ``<out>/<name>/`` (replaced atomically); return that folder."""
+    """Run one experiment into ``<out>/<name>/`` (replaced atomically); return that folder.
+
+    ``out`` must be new, empty or a lab folder, and ``<out>/<name>`` new or a run of this
+    lab (OutputError otherwise, before any training)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown lab experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     lab_data = data if isinstance(data, LabData) and subset is None else prepare_data(
@@ -209,7 +215,8 @@ def run_experiment(name: str, *,
     settings = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "progress": progress,
                 "precision": precision}
     start = time.perf_counter()
-    with atomic_directory(Path(out) / name) as run_dir:
+    claim_folder(out, LAB_KIND)
+    with atomic_directory(Path(out) / name, kind=RUN_KIND) as run_dir:
         if name == "cnn-overfit":
             results = _run_cnn_overfit(run_dir, lab_data, trainer, settings)
         elif name == "dropout":
