@@ -303,3 +303,38 @@ def select_channels(wave: np.ndarray, channels: ChannelSpec, source: str | Path 
         return wave
     return wave[channels:channels + 1]
 
+
+def read_wav_segment(path: str | Path, start: int, frames: int, *, channels: ChannelSpec = 0,
+                     sample_rate: int | None = None, resample: bool = False,
+                     info: AudioInfo | None = None) -> np.ndarray:
+    """Samples ``start`` to ``start + frames`` of a WAV (in the file's own sample rate) as
+    float32 ``(C, frames)``, read with one seek, so memory follows the segment, not the file.
+
+    The same channel choice, sample-rate rule and NaN check as :func:`read_wav`; a segment of
+    digital silence is returned as it is (a machine that stopped is worth scoring). With
+    ``sample_rate`` and ``resample`` the segment is converted to ``sample_rate``.
+    """
+    path = Path(path)
+    channels = parse_channels(channels)
+    info = info or audio_info(path)
+    _check_channel_exists(path, info.channels, channels)
+    _check_sample_rate(path, info.sample_rate, sample_rate, resample)
+    if start < 0 or frames < 1 or start + frames > info.frames:
+        raise AudioError(f"has no samples {start}-{start + frames} (it holds {info.frames})", path)
+    dtype, scale = _INTEGER_READS.get(info.subtype, ("float32", 1.0))
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            handle.seek(start)
+            data = handle.read(frames, dtype=dtype, always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"is not a WAV file or is corrupt ({_libsndfile_reason(err)})",
+                         path) from None
+    if data.shape[0] < frames:
+        raise AudioError(f"is truncated: samples {start}-{start + frames} could not be read",
+                         path)
+    if info.subtype in _FLOAT_SUBTYPES and not np.isfinite(data).all():
+        raise AudioError("contains NaN or infinite samples; the recording is corrupt", path)
+    wave = _select_channels(data, channels, scale)
+    if sample_rate is not None and sample_rate != info.sample_rate:
+        wave = resample_wave(wave, info.sample_rate, sample_rate)
+    return wave

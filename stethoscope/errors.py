@@ -32,3 +32,7 @@ class ModelFileError(StethoscopeError):
 
 class DownloadError(StethoscopeError):
     """A download failed: offline, bad checksum, server error."""
+
+
+class ConfigError(StethoscopeError):
+    """A setting cannot be used: unknown device or precision, CUDA absent, bad option value."""

@@ -11,12 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stethoscope.datasets import groups_of, labels_of
 from stethoscope.detector import Detector, Inputs
 from stethoscope.errors import DataError
-from stethoscope.features import clip_features
+from stethoscope.features import clip_features, input_kind
 from stethoscope.metrics import evaluate
 from stethoscope.report import write_evaluation_report
 from stethoscope.storage import atomic_write_bytes
@@ -30,9 +29,9 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
     per-clip group values (e.g. simulated fault type) whose AUCs are added under
     ``metrics["by_<name>"]``.
     """
-    if not detector._is_recordings(data):
+    if input_kind(data) != "recordings":
         raise DataError("evaluation needs labelled recordings (MIMII or DCASE layout)")
-    clips = detector.find_recordings(data)
+    clips = detector.featurizer().clips(data)
     labels = labels_of(clips)
     scores = detector.score_samples(clips)
     sections, domains = groups_of(clips, "section"), groups_of(clips, "domain")
@@ -48,7 +47,7 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
             y_true=labels, sections=sections, domains=domains, metrics=metrics,
             history=detector.history_, spectrograms=spectrogram,
             error_maps=lambda i: _error_map(detector, spectrogram(i)),
-            model_description=_describe(detector))
+            model_description=detector.describe())
     return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips}
 
 
@@ -66,22 +65,13 @@ def _group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> d
 
 
 def _spectrogram(detector: Detector, clip) -> np.ndarray:
-    """One clip's features, computed on demand for the few clips a report shows."""
-    return clip_features(clip.path, detector.feature_config_)
+    """One clip's features (its first window), computed on demand for the few clips a
+    report shows."""
+    return clip_features(clip.path, detector.featurizer().config)
 
 
 def _error_map(detector: Detector, spec: np.ndarray) -> np.ndarray:
-    batch = torch.from_numpy(np.array(spec, dtype=np.float32))[None]
-    with torch.no_grad():
-        return detector.model_.explain(batch)[0].float().numpy()
-
-
-def _describe(detector: Detector) -> str:
-    n_params = sum(p.numel() for p in detector.model_.parameters())
-    cfg = detector.feature_config_
-    return (f"Model {detector.model} ({n_params:,} parameters) on {cfg.n_mels}-mel log "
-            f"spectrograms (n_fft {cfg.n_fft}, hop {cfg.hop_length}, {cfg.sample_rate} Hz), "
-            f"clip score = {detector._pooling()} of the reconstruction error map.")
+    return detector.explain_features(np.asarray(spec, dtype=np.float32)[None])[0]
 
 
 def load_npy(path: str | Path) -> np.ndarray:
@@ -99,20 +89,9 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _require_autoencoder(detector: Detector) -> None:
-    if not getattr(detector.model_, "is_autoencoder", False):
-        raise DataError(f"model {detector.model} is not an autoencoder: it has no "
-                        "encoder/decoder halves to run apart")
-
-
 def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> np.ndarray:
     """Codes of the encoder half for every clip (frame models: every stacked frame)."""
-    _require_autoencoder(detector)
-    specs, clips = detector.load_features(data)
-    detector._check_fitted()
-    detector._check_shape(specs, str(clips[0].path.parent) if clips else "input")
-    parts = detector.iter_batches(specs, lambda m, x: m.encoder(m.make_examples(x)[0]))
-    codes = torch.cat(list(parts)).numpy()
+    codes = detector.encode(data)
     if out is not None:
         save_npy(out, codes)
     return codes
@@ -121,17 +100,8 @@ def encode(detector: Detector, data: Inputs, out: str | Path | None = None) -> n
 def decode(detector: Detector, codes: str | Path | np.ndarray, out: str | Path | None = None
            ) -> np.ndarray:
     """Outputs of the decoder half for codes written by :func:`encode`."""
-    _require_autoencoder(detector)
     source = str(codes) if not isinstance(codes, np.ndarray) else "codes array"
-    if not isinstance(codes, np.ndarray):
-        codes = load_npy(codes)
-    model = detector.model_
-    try:
-        with torch.no_grad():
-            outputs = model.decoder(torch.from_numpy(np.asarray(codes, np.float32))).numpy()
-    except RuntimeError as err:
-        raise DataError(f"codes of shape {codes.shape} do not fit the decoder of "
-                        f"{detector.model} ({str(err).splitlines()[0]})", source) from None
+    outputs = detector.decode(codes if isinstance(codes, np.ndarray) else load_npy(codes), source)
     if out is not None:
         save_npy(out, outputs)
     return outputs

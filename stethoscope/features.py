@@ -22,7 +22,6 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stethoscope.audio import parse_channels, read_wav
-from stethoscope.errors import AudioError, DataError
-from stethoscope.progress import progress_bar
+from stethoscope.audio import AudioInfo, audio_info, parse_channels, read_wav, read_wav_segment
+from stethoscope.errors import AudioError, DataError, StethoscopeError
+from stethoscope.progress import progress_bar, progress_enabled
 from stethoscope.runtime import keep_freed_memory
 
 CACHE_VERSION = 2  # bump when the features computed for a given config change
@@ -47,6 +46,11 @@ class FeatureConfig:
     ``channels``: index, "mean" or "all" (see :func:`stethoscope.audio.read_wav`).
     ``frames``: keep only the first ``frames`` frames (e.g. 312 of 313, as in the course).
     ``resample``: convert files at another sample rate instead of rejecting them.
+    ``window_s``: recordings are cut into windows of this many seconds, each scored like a
+    clip (None: a recording is one window; all must then have one length).
+    ``window_hop_s``: seconds from one window's start to the next (None: ``window_s``); a
+    last window is aligned to the recording's end so that every sample is scored.
+    ``pad_short``: pad recordings shorter than a window with silence instead of refusing them.
     """
 
     sample_rate: int = 16000
@@ -60,6 +64,9 @@ class FeatureConfig:
     channels: int | str = 0
     frames: int | None = None
     resample: bool = False
+    window_s: float | None = None
+    window_hop_s: float | None = None
+    pad_short: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("sample_rate", self.sample_rate)
@@ -76,6 +83,14 @@ class FeatureConfig:
         if not self.power > 0 or not self.eps > 0:
             raise ValueError(f"feature settings need power > 0 and eps > 0; got "
                              f"power={self.power}, eps={self.eps}")
+        for name in ("window_s", "window_hop_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and
+                                          math.isfinite(value) and value > 0):
+                raise ValueError(f"feature setting {name} must be a positive number of "
+                                 f"seconds, not {value!r}")
+        if self.window_hop_s is not None and self.window_s is None:
+            raise ValueError("feature setting window_hop_s needs window_s")
         object.__setattr__(self, "channels", parse_channels(self.channels))
 
     @property
@@ -351,25 +366,156 @@ def crop_frames(spec: np.ndarray, frames: int | None, source: str | Path | None)
     return spec[..., :frames]
 
 
-def _read_clip(path: Path, config: FeatureConfig) -> np.ndarray:
-    wave, _ = read_wav(path, channels=config.channels, sample_rate=config.sample_rate,
-                       resample=config.resample)
-    return wave
+# ---------------------------------------------------------------------------- windows
+
+WHOLE_READ_SAMPLES = 4_000_000  # samples × channels read at once; longer recordings by window
+
+
+def window_samples(config: FeatureConfig) -> int | None:
+    """Samples per window at the model's sample rate (None: the whole recording)."""
+    return None if config.window_s is None else max(1, round(config.window_s * config.sample_rate))
+
+
+def window_starts(n_samples: int, config: FeatureConfig, source: str | Path | None = None
+                  ) -> list[int]:
+    """Where the windows of a recording of ``n_samples`` (model rate) start, in samples.
+
+    Windows of ``window_s`` every ``window_hop_s``; when the last one ends more than one STFT
+    hop before the recording does, one more window is aligned to the end. A recording
+    shorter than a window is a DataError naming it, unless ``pad_short``.
+
+    >>> window_starts(192000, FeatureConfig(window_s=10.0))
+    [0, 32000]
+    """
+    size = window_samples(config)
+    if size is None:
+        return [0]
+    if n_samples < size:
+        if config.pad_short:
+            return [0]
+        raise DataError(f"is {n_samples / config.sample_rate:.3g} s long, shorter than the "
+                        f"model's {config.window_s:g} s window (pad_short / --pad pads it "
+                        "with silence)", source)
+    hop = size if config.window_hop_s is None else max(
+        1, round(config.window_hop_s * config.sample_rate))
+    starts = list(range(0, n_samples - size + 1, hop))
+    if n_samples - (starts[-1] + size) > config.hop_length:
+        starts.append(n_samples - size)
+    return starts
+
+
+@dataclass(frozen=True)
+class RecordingPlan:
+    """What the header of one recording says it will give: its windows' starts (model-rate
+    samples) and its length in seconds."""
+
+    path: Path
+    starts: tuple[int, ...]
+    seconds: float
+    info: AudioInfo
+
+
+def plan_recording(path: str | Path, config: FeatureConfig) -> RecordingPlan:
+    """Read a recording's header and lay out its windows; every header problem (missing,
+    unreadable, wrong rate, no such channel, shorter than a window) is raised here, before
+    any sample is read."""
+    path = Path(path)
+    info = audio_info(path)
+    if info.sample_rate != config.sample_rate and not config.resample:
+        raise AudioError(f"sample rate is {info.sample_rate} Hz but the model expects "
+                         f"{config.sample_rate} Hz; pass resample=True (--resample) to convert",
+                         path)
+    if isinstance(config.channels, int) and config.channels >= info.channels:
+        raise AudioError(f"has {info.channels} channel(s); channel {config.channels} does not "
+                         f"exist (choose 0-{info.channels - 1}, 'mean' or 'all')", path)
+    n = info.frames if info.sample_rate == config.sample_rate else round(
+        info.frames * config.sample_rate / info.sample_rate)
+    return RecordingPlan(path, tuple(window_starts(n, config, path)), info.duration, info)
+
+
+def _reading_channels(config: FeatureConfig) -> int | str:
+    """"mean" averages the channels' log-mels (as for arrays), so every channel is read."""
+    return "all" if config.channels == "mean" else config.channels
+
+
+def read_windows(plan: RecordingPlan, config: FeatureConfig
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start sample, float32 (C, W))`` for every window of one recording. Short
+    recordings are read whole (with :func:`read_wav`'s checks); long ones window by window,
+    so memory follows the window, not the recording."""
+    size = window_samples(config)
+    channels = _reading_channels(config)
+    whole = plan.info.frames * plan.info.channels <= WHOLE_READ_SAMPLES or size is None
+    if whole:
+        wave, _ = read_wav(plan.path, channels=channels, sample_rate=config.sample_rate,
+                           resample=config.resample)
+        for start in plan.starts:
+            yield start, _padded(wave if size is None else wave[:, start:start + size], size)
+        return
+    ratio = plan.info.sample_rate / config.sample_rate
+    for start in plan.starts:
+        wave = read_wav_segment(plan.path, int(start * ratio), round(size * ratio),
+                                channels=channels, sample_rate=config.sample_rate,
+                                resample=config.resample, info=plan.info)
+        yield start, _padded(wave[:, :size], size)
+
+
+def _padded(wave: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or wave.shape[1] >= size:
+        return wave
+    return np.pad(wave, ((0, 0), (0, size - wave.shape[1])))
+
+
+def _finish(spec: np.ndarray, config: FeatureConfig, source: Path) -> np.ndarray:
+    """Channel mean (of log-mels), frame crop and a finiteness check of one window's features."""
+    if config.channels == "mean" and spec.shape[0] > 1:
+        spec = spec.mean(axis=0, keepdims=True)
+    spec = crop_frames(spec, config.frames, source)
+    if not np.isfinite(spec).all():
+        raise AudioError("gives non-finite features: its samples overflow (far outside "
+                         "[-1, 1]) or are corrupt", source)
+    return spec
 
 
 def clip_features(path: str | Path, config: FeatureConfig | None = None) -> np.ndarray:
-    """Read one WAV and return its log-mel ``(C, M, F)``, cropped to ``config.frames``."""
+    """Read one WAV and return the log-mel ``(C, M, F)`` of its first window (the whole clip
+    when no window is set), cropped to ``config.frames``."""
     config = config or FeatureConfig()
-    return crop_frames(logmel(_read_clip(Path(path), config), config), config.frames, path)
+    plan = plan_recording(path, config)
+    plan = dataclasses.replace(plan, starts=plan.starts[:1])
+    return recording_features(plan, config)[0]
+
+
+def recording_features(recording: str | Path | RecordingPlan, config: FeatureConfig
+                       ) -> np.ndarray:
+    """Log-mel of every window of one recording, ``(W, C, M, F)``."""
+    plan = recording if isinstance(recording, RecordingPlan) else plan_recording(recording,
+                                                                                  config)
+    module = _logmel_module(config)
+    waves = [wave for _, wave in read_windows(plan, config)]
+    return np.stack([_finish(spec, config, plan.path) for spec in _logmel_batch(waves, module)])
 
 
 # ---------------------------------------------------------------------------- corpora
 
 
+@dataclass
+class WindowChunk:
+    """Features of consecutive windows of a list of recordings.
+
+    ``specs``: float32 ``(n, C, M, F)``; ``owner``: ``(n,)`` index of each window's recording
+    in the list; ``start``: ``(n,)`` each window's start in model-rate samples."""
+
+    specs: np.ndarray
+    owner: np.ndarray
+    start: np.ndarray
+
+
 def extract_features(paths: Sequence[str | Path], config: FeatureConfig | None = None, *,
                      cache_dir: str | Path | None = None, progress: bool = False
                      ) -> np.ndarray:
-    """Log-mel of every file → float32 ``(N, C, M, F)``, streamed in chunks.
+    """Log-mel of every window of every file → float32 ``(N, C, M, F)``, streamed in chunks
+    (one window per file unless ``config.window_s`` is set).
 
     With ``cache_dir`` the array is written there (named by a hash of the settings and each
     file's path, size and modification time) and returned as a read-only memory map; the
@@ -379,15 +525,26 @@ def extract_features(paths: Sequence[str | Path], config: FeatureConfig | None =
     paths = [Path(p) for p in paths]
     if not paths:
         raise DataError("no recordings to compute features from")
+    plans = [plan_recording(path, config) for path in paths]  # header errors before work
+    return features_of_plans(plans, config, cache_dir=cache_dir, progress=progress)
+
+
+def features_of_plans(plans: list[RecordingPlan], config: FeatureConfig, *,
+                      cache_dir: str | Path | None = None, progress: bool = False
+                      ) -> np.ndarray:
+    """The features of every window of planned recordings, ``(N, C, M, F)``, in memory or
+    through the on-disk cache (see :func:`extract_features`)."""
+    paths = [plan.path for plan in plans]
+    n_windows = sum(len(plan.starts) for plan in plans)
     if cache_dir is None:
-        sink = _MemorySink(len(paths))
-        _extract(paths, config, progress, sink)
+        sink = _MemorySink(n_windows)
+        _extract(plans, config, progress, sink)
         return sink.array
     cache_file = cache_path(paths, config, cache_dir)
-    cached = _open_cache(cache_file, len(paths))
+    cached = _open_cache(cache_file, n_windows)
     if cached is not None:
         return cached
-    return _extract_to_cache(paths, config, progress, cache_file)
+    return _extract_to_cache(plans, config, progress, cache_file, n_windows)
 
 
 def cache_path(paths: Sequence[Path], config: FeatureConfig, cache_dir: str | Path) -> Path:
@@ -404,7 +561,7 @@ def cache_path(paths: Sequence[Path], config: FeatureConfig, cache_dir: str | Pa
     return Path(cache_dir) / f"logmel-{digest.hexdigest()[:24]}.npy"
 
 
-def _open_cache(cache_file: Path, n_clips: int) -> np.ndarray | None:
+def _open_cache(cache_file: Path, n_windows: int) -> np.ndarray | None:
     """The cached array, or None when absent or unusable (then it is rebuilt)."""
     if not cache_file.is_file():
         return None
@@ -412,13 +569,13 @@ def _open_cache(cache_file: Path, n_clips: int) -> np.ndarray | None:
         array = np.load(cache_file, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if array.ndim != 4 or array.shape[0] != n_clips or array.dtype != np.float32:
+    if array.ndim != 4 or array.shape[0] != n_windows or array.dtype != np.float32:
         return None
     return array
 
 
-def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
-                      cache_file: Path) -> np.ndarray:
+def _extract_to_cache(plans: list[RecordingPlan], config: FeatureConfig, progress: bool,
+                      cache_file: Path, n_windows: int) -> np.ndarray:
     """Stream the features into a temporary .npy beside ``cache_file``, then rename it."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{cache_file.stem}.", suffix=".npy.tmp",
@@ -426,7 +583,7 @@ def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            _extract(paths, config, progress, _NpyFileSink(len(paths), handle))
+            _extract(plans, config, progress, _NpyFileSink(n_windows, handle))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, cache_file)
@@ -439,13 +596,13 @@ def _extract_to_cache(paths: list[Path], config: FeatureConfig, progress: bool,
 class _MemorySink:
     """Collects the spectrograms of a corpus in one in-memory array."""
 
-    def __init__(self, n_clips: int) -> None:
-        self.n_clips = n_clips
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
         self.array: np.ndarray | None = None
 
     def add(self, index: int, spec: np.ndarray) -> None:
         if self.array is None:
-            self.array = np.empty((self.n_clips, *spec.shape), dtype=np.float32)
+            self.array = np.empty((self.n_rows, *spec.shape), dtype=np.float32)
         self.array[index] = spec
 
 
@@ -453,51 +610,116 @@ class _NpyFileSink:
     """Appends spectrograms, in order, to an open ``.npy`` file: memory stays flat whatever
     the corpus size (a writable memory map would keep every written page resident)."""
 
-    def __init__(self, n_clips: int, handle) -> None:
-        self.n_clips = n_clips
+    def __init__(self, n_rows: int, handle) -> None:
+        self.n_rows = n_rows
         self.handle = handle
 
     def add(self, index: int, spec: np.ndarray) -> None:
         if index == 0:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (self.n_clips, *spec.shape)}
+            header = {"descr": "<f4", "fortran_order": False, "shape": (self.n_rows, *spec.shape)}
             np.lib.format.write_array_header_1_0(self.handle, header)
         self.handle.write(np.ascontiguousarray(spec, dtype="<f4").tobytes())
 
 
-def _extract(paths: list[Path], config: FeatureConfig, progress: bool, sink) -> None:
-    """Pass every clip's ``(C, M, F)`` to ``sink.add`` in order; all must share one shape."""
-    first_shape, first_path = None, None
-    with progress_bar(len(paths), "log-mel features", enabled=progress) as bar, \
-            closing(_spectrograms(paths, config)) as specs:
-        for i, (path, spec) in enumerate(specs):
-            if first_shape is None:
-                first_shape, first_path = spec.shape, path
-            elif spec.shape != first_shape:
-                raise DataError(
-                    f"features of shape {spec.shape} differ from {first_shape} of the first "
-                    f"clip {first_path}; all clips need the same length, sample rate and "
-                    "channels (set frames to crop them to one length)", path)
-            sink.add(i, spec)
-            bar.advance()
+def _extract(plans: list[RecordingPlan], config: FeatureConfig, progress: bool, sink) -> None:
+    """Pass every window's ``(C, M, F)`` to ``sink.add`` in order; all must share one shape."""
+    first: tuple[tuple[int, ...], Path] | None = None
+    row = 0
+    with progress_bar(len(plans), "log-mel features", enabled=progress) as bar:
+        for chunk in iter_window_chunks(plans, config, on_error="raise"):
+            first = first or (chunk.specs.shape[1:], plans[chunk.owner[0]].path)
+            _check_same_shape(first, chunk.specs.shape[1:], plans[chunk.owner[0]].path)
+            for spec in chunk.specs:
+                sink.add(row, spec)
+                row += 1
+            bar.advance(len(set(chunk.owner.tolist())))
 
 
-def _spectrograms(paths: list[Path], config: FeatureConfig
-                  ) -> Iterator[tuple[Path, np.ndarray]]:
-    """Yield ``(path, (C, M, F))`` in order, reading the next chunk while this one computes."""
-    chunks = [paths[i:i + CLIPS_PER_CHUNK] for i in range(0, len(paths), CLIPS_PER_CHUNK)]
+def _check_same_shape(first: tuple[tuple[int, ...], Path], shape: tuple[int, ...],
+                      path: Path) -> None:
+    if shape != first[0]:
+        raise DataError(
+            f"features of shape {tuple(shape)} differ from {tuple(first[0])} of the first "
+            f"clip {first[1]}; all clips need the same length, sample rate and channels "
+            "(set a window length to cut them into equal windows)", path)
+
+
+def iter_window_chunks(plans: Sequence[RecordingPlan], config: FeatureConfig, *,
+                       chunk_windows: int = CLIPS_PER_CHUNK, on_error: str = "raise",
+                       errors: dict[int, Exception] | None = None) -> Iterator[WindowChunk]:
+    """Features of every window of ``plans`` in order, ``chunk_windows`` at a time (a long
+    recording spans several chunks), reading the next chunk while this one computes.
+
+    ``on_error="collect"``: a recording that fails to read is left out (all its windows) and
+    its error stored in ``errors[index]``; ``"raise"``: the error propagates."""
+    errors = {} if errors is None else errors
+    jobs = [(i, start) for i, plan in enumerate(plans) for start in plan.starts]
+    chunks = [jobs[k:k + chunk_windows] for k in range(0, len(jobs), chunk_windows)]
+    if not chunks:
+        return
     module = _logmel_module(config)
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(_read_chunk, chunks[0], config)
-        for index, chunk in enumerate(chunks):
+        pending = reader.submit(_read_job_chunk, plans, chunks[0], config, on_error, errors)
+        for index in range(len(chunks)):
             waves = pending.result()
             if index + 1 < len(chunks):
-                pending = reader.submit(_read_chunk, chunks[index + 1], config)
-            for path, spec in zip(chunk, _logmel_batch(waves, module), strict=True):
-                yield path, crop_frames(spec, config.frames, path)
+                pending = reader.submit(_read_job_chunk, plans, chunks[index + 1], config,
+                                        on_error, errors)
+            kept = [(job, wave) for job, wave in zip(chunks[index], waves, strict=True)
+                    if wave is not None and job[0] not in errors]
+            chunk = _transform_jobs(plans, kept, config, module, on_error, errors)
+            if chunk is not None:
+                yield chunk
 
 
-def _read_chunk(paths: list[Path], config: FeatureConfig) -> list[np.ndarray]:
-    return [_read_clip(path, config) for path in paths]
+def _read_job_chunk(plans: Sequence[RecordingPlan], jobs: list[tuple[int, int]],
+                    config: FeatureConfig, on_error: str, errors: dict[int, Exception]
+                    ) -> list[np.ndarray | None]:
+    """The waveforms of ``jobs`` (recording index, window start); a recording read whole is
+    read once for all its windows in the chunk."""
+    out: list[np.ndarray | None] = []
+    cache: dict[int, dict[int, np.ndarray]] = {}
+    for owner, start in jobs:
+        if owner in errors:
+            out.append(None)
+            continue
+        try:
+            if owner not in cache:
+                wanted = [s for o, s in jobs if o == owner]
+                plan = dataclasses.replace(plans[owner], starts=tuple(wanted))
+                cache = {owner: dict(read_windows(plan, config))}
+            out.append(cache[owner][start])
+        except StethoscopeError as err:
+            if on_error == "raise":
+                raise
+            errors[owner] = err
+            out.append(None)
+    return out
+
+
+def _transform_jobs(plans, kept, config, module, on_error, errors) -> WindowChunk | None:
+    specs, owners, starts = [], [], []
+    for (owner, start), spec in zip([job for job, _ in kept],
+                                    _logmel_batch([wave for _, wave in kept], module),
+                                    strict=True):
+        try:
+            spec = _finish(spec, config, plans[owner].path)
+        except StethoscopeError as err:
+            if on_error == "raise":
+                raise
+            errors[owner] = err
+            continue
+        specs.append(spec)
+        owners.append(owner)
+        starts.append(start)
+    keep = [i for i, owner in enumerate(owners) if owner not in errors]
+    if not keep:
+        return None
+    first = (specs[keep[0]].shape, plans[owners[keep[0]]].path)
+    for i in keep:
+        _check_same_shape(first, specs[i].shape, plans[owners[i]].path)
+    return WindowChunk(np.stack([specs[i] for i in keep]).astype(np.float32, copy=False),
+                       np.array([owners[i] for i in keep]), np.array([starts[i] for i in keep]))
 
 
 def _logmel_batch(waves: list[np.ndarray], module: LogMel) -> list[np.ndarray]:
@@ -528,24 +750,13 @@ def load_feature_array(path: str | Path, *, channels: int | str = 0,
     """
     path = Path(path)
     array = _open_npy(path)
-    n_channels = array.shape[1]
-    try:
-        channels = parse_channels(channels)
-    except ValueError as err:
-        raise DataError(str(err), path) from None
-    if isinstance(channels, int) and channels >= n_channels:
-        noun = "channel" if n_channels == 1 else "channels"
-        raise DataError(f"has {n_channels} {noun} (shape {array.shape}); channel {channels} "
-                        f"does not exist", path)
+    select_feature_channels(array[:1], channels, path)  # a bad channel choice before any reading
     if frames is not None and array.shape[-1] < frames:
         raise DataError(f"has {array.shape[-1]} frames per clip (shape {array.shape}); the "
                         f"features need {frames}", path)
     array = array[..., :frames] if frames is not None else array
     _check_finite(array, path)
-    if channels == "mean":
-        return _channel_mean(array)
-    if isinstance(channels, int):
-        array = array[:, channels:channels + 1]
+    array = select_feature_channels(array, channels, path)
     return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
@@ -583,13 +794,12 @@ def iter_chunks(specs, rows: int, dtype: type = np.float32) -> Iterator[tuple[in
         yield start, chunk
 
 
-def release_mapped_pages(specs) -> None:
-    """Unmap the resident pages of a read-only ``np.memmap`` (or of a dataset's ``.specs``
-    memmap); the data stays on disk and in the page cache and is read back on the next
-    access. Writable or copy-on-write maps are left alone: their changes could be lost.
+def release_mapped_pages(array) -> None:
+    """Unmap the resident pages of a read-only ``np.memmap``; the data stays on disk and in
+    the page cache and is read back on the next access. Writable or copy-on-write maps, and
+    anything that is not a memmap, are left alone: their changes could be lost.
 
     NumPy exposes the mapping only as ``memmap._mmap``; nothing happens without one."""
-    array = specs if isinstance(specs, np.memmap) else getattr(specs, "specs", None)
     mapping = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
     if mapping is not None and array.mode == "r" and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):  # closed or unsupported: keep the pages
@@ -641,3 +851,198 @@ def check_features_match(array: np.ndarray, expected_shape: Sequence[int],
         if differ and len(got) == len(expected) else ""
     raise DataError(f"features of shape {got} do not match the model's input {expected}{hint}",
                     source)
+
+
+def check_features_finite(array: np.ndarray, source: str | Path | None) -> None:
+    """Raise DataError naming the first spectrogram with NaN or infinite values."""
+    _check_finite(array, Path(str(source)) if source is not None else Path("input array"))
+
+
+def select_feature_channels(array: np.ndarray, channels: int | str, source: str | Path
+                            ) -> np.ndarray:
+    """Channels of spectrograms ``(N, C, M, F)`` chosen as for recordings: an index, "mean"
+    (of the channels' log-mels) or "all"."""
+    try:
+        channels = parse_channels(channels)
+    except ValueError as err:
+        raise DataError(str(err), source) from None
+    n_channels = array.shape[1]
+    if isinstance(channels, int) and channels >= n_channels:
+        noun = "channel" if n_channels == 1 else "channels"
+        raise DataError(f"has {n_channels} {noun} (shape {array.shape}); channel {channels} "
+                        f"does not exist", source)
+    if channels == "mean":
+        return _channel_mean(array) if n_channels > 1 else array
+    if isinstance(channels, int):
+        return array[:, channels:channels + 1]
+    return array
+
+
+# ---------------------------------------------------------------------------- featurizer
+
+
+@dataclass
+class Corpus:
+    """Features of some inputs, ready for a model: one row per window.
+
+    ``specs``: float32 ``(N, C, M, F)`` (possibly a read-only memmap); ``owner``: ``(N,)``
+    index of each row's input (recording, or row of an array); ``start``: ``(N,)`` each
+    window's start in model-rate samples; ``recordings``: the clips the rows came from (None
+    for arrays); ``errors``: input index → the error that kept it out; ``source``: a name
+    for messages; ``n_inputs``: how many inputs (recordings or array rows) were given.
+    """
+
+    specs: np.ndarray
+    owner: np.ndarray
+    start: np.ndarray
+    recordings: list | None
+    errors: dict[int, Exception]
+    source: str
+    n_inputs: int
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+ARRAY_KINDS = ("array", "npy")
+
+
+def input_kind(X) -> str:
+    """``"array"`` (an ndarray of features), ``"npy"`` (a ``.npy`` file of features, alone
+    or as the one item of a list) or ``"recordings"`` (WAV files, folders, lists, Clips)."""
+    if isinstance(X, np.ndarray):
+        return "array"
+    if _npy_path(X) is not None:
+        return "npy"
+    return "recordings"
+
+
+def _npy_path(X) -> Path | None:
+    if isinstance(X, str | Path):
+        return Path(X) if str(X).lower().endswith(".npy") else None
+    if isinstance(X, list | tuple) and len(X) == 1 and isinstance(X[0], str | Path):
+        return _npy_path(X[0])
+    return None
+
+
+class Featurizer:
+    """Turns recordings, ``.npy`` files or arrays into a :class:`Corpus` the same way for
+    every input kind: the same channel choice, frame crop, windows and checks.
+
+    Parameters
+    ----------
+    config : the feature settings (a model's ``feature_config_``).
+    cache_dir : on-disk feature cache for recordings (None: none).
+    progress : show a progress bar (None: the process-wide switch, :mod:`stethoscope.progress`).
+
+    >>> corpus = Featurizer(FeatureConfig(channels="mean")).transform(np.zeros((4, 2, 8, 10)))
+    >>> corpus.specs.shape
+    (4, 1, 8, 10)
+    """
+
+    def __init__(self, config: FeatureConfig, *, cache_dir: str | Path | None = None,
+                 progress: bool | None = None) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    # ---- arrays
+    def array_corpus(self, X, source: str | None = None) -> Corpus:
+        """Spectrograms ``(N, M, F)`` or ``(N, C, M, F)`` from an ndarray or a ``.npy`` file."""
+        path = _npy_path(X)
+        if path is not None:
+            specs = load_feature_array(path, channels=self.config.channels,
+                                       frames=self.config.frames)
+            name = str(path)
+        else:
+            name = source or "input array"
+            specs = self._array(np.asarray(X), name)
+        n = len(specs)
+        return Corpus(specs, np.arange(n), np.zeros(n, dtype=np.int64), None, {}, name, n)
+
+    def _array(self, X: np.ndarray, source: str) -> np.ndarray:
+        if X.ndim == 3:
+            X = X[:, None]
+        if X.ndim != 4 or X.shape[0] == 0:
+            raise DataError(f"array of shape {X.shape} is not spectrograms; expected "
+                            "(N, mels, frames) or (N, channels, mels, frames)", source)
+        if X.dtype.kind not in "fiu":
+            raise DataError(f"array holds {X.dtype} values; expected numbers", source)
+        check_features_finite(X, source)
+        X = select_feature_channels(X, self.config.channels, source)
+        X = crop_frames(X, self.config.frames, source)
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    # ---- recordings
+    def clips(self, X) -> list:
+        """The clips that files, folders, list files or Clip objects stand for."""
+        from stethoscope.datasets import Clip, find_clips
+
+        items = [X] if isinstance(X, str | Path | Clip) else list(X)
+        if not items:
+            raise DataError("no input recordings given")
+        if all(isinstance(c, Clip) for c in items):
+            return list(items)
+        return find_clips([c.path if isinstance(c, Clip) else c for c in items])
+
+    def plans(self, clips: Sequence) -> list[RecordingPlan]:
+        """Every clip's window plan (header errors raised before any sample is read)."""
+        return [plan_recording(clip.path, self.config) for clip in clips]
+
+    def transform(self, X) -> Corpus:
+        """The whole corpus at once (training). Any unusable input raises its error."""
+        if input_kind(X) in ARRAY_KINDS:
+            return self.array_corpus(X)
+        clips = self.clips(X)
+        plans = self.plans(clips)
+        specs = features_of_plans(plans, self.config, cache_dir=self.cache_dir,
+                                  progress=progress_enabled(self.progress))
+        owner = np.concatenate([np.full(len(p.starts), i) for i, p in enumerate(plans)])
+        start = np.concatenate([np.asarray(p.starts, dtype=np.int64) for p in plans])
+        return Corpus(specs, owner, start, clips, {}, _source_of(clips), len(clips))
+
+    def iter_transform(self, X, *, chunk_recordings: int = 64, chunk_windows: int = 64,
+                       on_error: str = "raise") -> Iterator[Corpus]:
+        """The corpus in pieces of at most ``chunk_windows`` rows, so memory stays flat
+        whatever the number and length of the recordings (scoring).
+
+        ``owner`` indexes all the inputs of ``X``; a long recording spans several pieces.
+        ``on_error="collect"``: inputs that cannot be read are left out and their errors put
+        in the piece's ``errors``; ``"raise"``: the first error propagates."""
+        if input_kind(X) in ARRAY_KINDS:
+            yield self.array_corpus(X)
+            return
+        clips = self.clips(X)
+        for first in range(0, len(clips), chunk_recordings):
+            part = clips[first:first + chunk_recordings]
+            errors: dict[int, Exception] = {}
+            plans, index = [], []
+            for i, clip in enumerate(part):
+                try:
+                    plans.append(plan_recording(clip.path, self.config))
+                    index.append(first + i)
+                except StethoscopeError as err:
+                    if on_error == "raise":
+                        raise
+                    errors[first + i] = err
+            local: dict[int, Exception] = {}
+            pieces = iter_window_chunks(plans, self.config, chunk_windows=chunk_windows,
+                                        on_error=on_error, errors=local)
+            for piece in pieces:
+                owner = np.asarray(index)[piece.owner]
+                yield Corpus(piece.specs, owner, piece.start, clips, {}, _source_of(part),
+                             len(clips))
+            errors.update({index[i]: err for i, err in local.items()})
+            if errors:
+                empty = np.zeros((0, *self._row_shape()), dtype=np.float32)
+                yield Corpus(empty, np.zeros(0, dtype=int), np.zeros(0, dtype=np.int64), clips,
+                             errors, _source_of(part), len(clips))
+
+    def _row_shape(self) -> tuple[int, ...]:
+        return (0, 0, 0)
+
+
+def _source_of(clips: Sequence) -> str:
+    if not clips:
+        return "input"
+    return str(clips[0].path.parent) if len(clips) > 1 else str(clips[0].path)

@@ -23,6 +23,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from stethoscope.compute import (
+    autocast_context,
+    place_model,
+    resolve_device,
+    resolve_precision,
+    run_batches,
+    to_device,
+)
 from stethoscope.features import release_mapped_pages
 from stethoscope.progress import progress_bar
 from stethoscope.runtime import keep_freed_memory
@@ -117,45 +125,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class SpectrogramDataset(Dataset):
+    """Rows ``indices`` of a (possibly memory-mapped) ``(N, C, M, F)`` array as float32
+    tensors, read one clip at a time, for the DataLoader of the training loop."""
+
+    def __init__(self, specs: np.ndarray, indices: np.ndarray | None = None) -> None:
+        self.specs = specs
+        self.indices = np.arange(len(specs)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.specs[self.indices[item]], dtype=np.float32))
+
+    def release_pages(self) -> None:
+        """Unmap the pages read so far from a memory-mapped corpus (memory stays flat in N)."""
+        release_mapped_pages(self.specs)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has AVX512-BF16 or AMX, where bf16 matmuls are fast rather than emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype to use, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', not {precision!r}")
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """An autocast context for ``dtype`` on ``device``, or a no-op context when dtype is None."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def _release_pages(dataset: Dataset) -> None:
+    release = getattr(dataset, "release_pages", None)
+    if release is not None:
+        release()
 
 
 def as_dataset(data: Dataset | torch.Tensor | np.ndarray | tuple) -> Dataset:
@@ -232,6 +224,12 @@ def fit(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, config)
+    # Under torchrun: DDP with batch norm synced across ranks; every rank draws the same global
+    # batches and trains on its share of each step, so the result is single-process training's
+    # up to rounding (stethoscope.distributed). Outside torchrun `trained` is `model` itself.
+    from stethoscope import distributed
+
+    parallel = distributed.data_parallel(model, device, seed=config.seed)
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(as_dataset(train), batch_size=config.batch_size, shuffle=True,
@@ -245,10 +243,10 @@ def fit(
     best_loss, best_state, waited = math.inf, None, 0
     steps_per_epoch = len(train_loader) + (len(val_loader) if val_loader else 0)
     with progress_bar(config.epochs * steps_per_epoch, description,
-                      enabled=config.progress) as progress:
+                      enabled=config.progress) as progress, parallel as trained:
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
-            values = _run_epoch(model, train_loader, loss_fn, metrics, optimizer, device, dtype,
+            values = _run_epoch(trained, train_loader, loss_fn, metrics, optimizer, device, dtype,
                                 config, batch_transform, generator, progress, epoch)
             if val_loader is not None:
                 val_values = _run_epoch(model, val_loader, loss_fn, metrics, None, device, dtype,
@@ -287,6 +285,8 @@ def _run_epoch(
     epoch: int,
 ) -> dict[str, float]:
     """One pass over ``loader``; trains when ``optimizer`` is given, else only evaluates."""
+    from stethoscope import distributed
+
     training = optimizer is not None
     model.train(training)
     totals: dict[str, float] = {"loss": 0.0, **{name: 0.0 for name in metrics}}
@@ -295,6 +295,8 @@ def _run_epoch(
         for batch in loader:
             batch = tuple(batch) if isinstance(batch, list | tuple) else (batch,)
             for x, y in _steps(batch, transform, config.example_batch_size, generator):
+                if training:  # under DDP this rank's share of the global step, else all of it
+                    x, y, weight = distributed.shard_step(x, y)
                 x = to_device(x, device, config.channels_last)
                 y = to_device(y, device, config.channels_last)
                 with autocast_context(device, dtype):
@@ -302,10 +304,12 @@ def _run_epoch(
                 loss = loss_fn(out.float(), y.float())
                 if training:
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight).backward()  # weight: this share's part of the step's mean
                     optimizer.step()
                 n = x.shape[0]
                 count += n
+                if n == 0:  # an empty DDP share: a step smaller than the world size
+                    continue
                 totals["loss"] += float(loss.detach()) * n
                 for name, fn in metrics.items():
                     totals[name] += float(fn(out.detach().float(), y)) * n
@@ -313,12 +317,13 @@ def _run_epoch(
             progress.advance(status=f"epoch {epoch} {phase} loss {totals['loss'] / max(count, 1):.4g}")
             batches += 1
             if batches % RELEASE_PAGES_EVERY == 0:  # memory-mapped corpus: stay flat in N
-                release_mapped_pages(loader.dataset)
-    release_mapped_pages(loader.dataset)
+                _release_pages(loader.dataset)
+    _release_pages(loader.dataset)
+    if training:  # under DDP: sums over every rank's share (the single-process sums)
+        totals, count = distributed.sum_over_ranks(totals, count)
     return {name: total / max(count, 1) for name, total in totals.items()}
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     data: Dataset | torch.Tensor | np.ndarray,
@@ -329,20 +334,21 @@ def predict(
     channels_last: bool = True,
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterable[torch.Tensor]:
-    """Yield ``fn(model, x)`` (default ``model(x)``) batch by batch, on CPU, in data order."""
-    keep_freed_memory()
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    dtype = resolve_precision(precision, device)
-    model.eval().to(device)
-    if channels_last:  # same layout as in training, so scores match to the last bit
-        model.to(memory_format=torch.channels_last)
-    loader = DataLoader(as_dataset(data), batch_size=batch_size, shuffle=False)
-    for batch in loader:
-        x = to_device(batch[0] if isinstance(batch, list | tuple) else batch, device,
-                      channels_last)
-        with autocast_context(device, dtype):
-            out = fn(model, x) if fn is not None else model(x)
-        yield out.float().cpu()
+    """Yield ``fn(model, x)`` (default ``model(x)``) batch by batch, on CPU, in data order,
+    through the one batch loop (:func:`stethoscope.compute.run_batches`)."""
+    device = resolve_device(device)
+    place_model(model, device, channels_last)  # same layout as in training: same scores
+    return run_batches(model, as_dataset(data), fn, batch_size=batch_size, device=device,
+                       precision=precision, channels_last=channels_last, rows=_loader_rows)
+
+
+def _loader_rows(dataset: Dataset, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, inputs)`` batches of a Dataset in order (its first field when it has several)."""
+    start = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        yield start, x
+        start += len(x)
 
 
 def set_cpu_threads(n: int | None = None) -> None:

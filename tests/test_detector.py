@@ -79,7 +79,7 @@ def test_bf16_scores_stay_within_tolerance_of_fp32(fitted, valve_clips):
     """The benchmarks' fastest variant (bf16 autocast) must not change what is flagged."""
     from scipy.stats import spearmanr
 
-    from stethoscope.training import cpu_has_native_bf16
+    from stethoscope.compute import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")
@@ -174,13 +174,13 @@ def test_large_corpora_train_from_a_memory_mapped_scratch_cache(valve_clips, mon
     train, _ = valve_clips
     monkeypatch.setattr(detector_module, "LARGE_CORPUS_CLIPS", 5)
     seen = {}
-    original = Detector._fit_features
+    original = Detector._fit_corpus
 
-    def spy(self, specs, clips, y):
-        seen["memmap"] = isinstance(specs, np.memmap)
-        return original(self, specs, clips, y)
+    def spy(self, corpus, config, info):
+        seen["memmap"] = isinstance(corpus.specs, np.memmap)
+        return original(self, corpus, config, info)
 
-    monkeypatch.setattr(Detector, "_fit_features", spy)
+    monkeypatch.setattr(Detector, "_fit_corpus", spy)
     big = Detector(progress=False).fit(train)
     assert seen["memmap"]
     small = Detector(progress=False, cache_dir=None)

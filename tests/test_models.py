@@ -80,7 +80,7 @@ def test_seed_conv_ae_takes_multichannel_spectrograms():
     assert model(x).shape == x.shape
     widths = [8, 32, 16, 4, 4, 16, 32, 8]
     assert n_params(model) == sum(conv_params(a, b) for a, b in pairwise(widths))
-    assert model.error_map(x).shape == (2, 64, 312)
+    assert model.error_maps(x).shape == (2, 64, 312)
 
 
 def test_dcase_ae_has_the_baseline_layer_sizes():
@@ -158,7 +158,7 @@ def test_seed_conv_ae_error_is_scale_free():
     scaled.before_training((specs * 3 + 5).numpy())  # same sounds, other dB scale and offset
     model.eval(), scaled.eval()
     with torch.no_grad():
-        assert torch.allclose(scaled.error_map(specs * 3 + 5), model.error_map(specs),
+        assert torch.allclose(scaled.error_maps(specs * 3 + 5), model.error_maps(specs),
                               rtol=1e-4, atol=1e-5)
 
 
@@ -196,7 +196,7 @@ def test_dcase_error_map_mean_is_the_baselines_mean_window_mse():
     specs = fake_specs(DCASE_SHAPE, 3)
     model = build("dcase-ae", DCASE_SHAPE).eval()
     with torch.no_grad():
-        error_map = model.error_map(specs)
+        error_map = model.error_maps(specs)
         clip_mse = []
         for clip in specs:
             windows = torch.from_numpy(baseline_windows(clip[0].numpy()))
@@ -213,7 +213,7 @@ def test_error_map_is_zero_for_a_perfect_reconstruction(name, shape, monkeypatch
     # A perfect model outputs its target: the standardised input (seed) or the windows (dcase).
     standardize = getattr(model, "standardize", torch.nn.Identity())
     monkeypatch.setattr(model, "forward", lambda x: standardize(x))
-    error_map = model.error_map(specs)
+    error_map = model.error_maps(specs)
     assert error_map.shape[0] == 2 and torch.count_nonzero(error_map) == 0
 
 
@@ -228,7 +228,7 @@ def test_seed_conv_ae_error_map_points_at_the_wrong_cell(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "forward", reconstruct_with_one_wrong_cell)
-    error_map = model.error_map(specs)
+    error_map = model.error_maps(specs)
     assert error_map[0, 10, 20] == pytest.approx(4.0)
     assert torch.count_nonzero(error_map) == 1
 
@@ -242,7 +242,7 @@ def test_dcase_error_map_points_at_the_wrong_mel_band(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "forward", reconstruct_with_one_wrong_band)
-    error_map = model.error_map(fake_specs(DCASE_SHAPE, 2))
+    error_map = model.error_maps(fake_specs(DCASE_SHAPE, 2))
     assert torch.allclose(error_map[:, 50], torch.full((2, 20), 25.0 / 5))
     assert torch.count_nonzero(error_map) == 2 * 20
 
@@ -265,7 +265,7 @@ def test_rebuilt_from_hparams_and_saved_weights_gives_identical_outputs(name, sh
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.eval()
     with torch.no_grad():
-        assert torch.equal(rebuilt.error_map(specs), model.error_map(specs))
+        assert torch.equal(rebuilt.error_maps(specs), model.error_maps(specs))
     if name == "seed-conv-ae":
         assert float(rebuilt.standardize.std) == float(model.standardize.std) != 1.0
 
@@ -304,7 +304,7 @@ def test_training_on_real_valve_clips_lowers_the_loss(name, settings, dcase_valv
     assert history.epochs == settings["epochs"]
     assert history["loss"][-1] < history["loss"][0]
     with torch.no_grad():
-        scores = model.error_map(torch.from_numpy(specs)).mean(dim=(1, 2))
+        scores = model.error_maps(torch.from_numpy(specs)).mean(dim=(1, 2))
     assert torch.isfinite(scores).all()
 
 
@@ -312,6 +312,6 @@ def test_training_on_real_valve_clips_lowers_the_loss(name, settings, dcase_valv
 def test_frame_models_name_themselves_when_clips_do_not_fit(name):
     model = build(name, (1, 16, 40))
     with pytest.raises(DataError, match=f"do not fit {name} built for \\(1, 16\\)"):
-        model.error_map(torch.zeros(1, 1, 8, 40))
+        model.error_maps(torch.zeros(1, 1, 8, 40))
     with pytest.raises(DataError, match="frames a window"):
-        model.error_map(torch.zeros(1, 1, 16, 2))
+        model.error_maps(torch.zeros(1, 1, 16, 2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.covariance import ledoit_wolf
 
-from stethoscope.errors import DataError
+from stethoscope.errors import DataError, ModelFileError
 from stethoscope.features import FeatureConfig, extract_features
 from stethoscope.models import build, info, names
 from stethoscope.models.clip_stats import (
@@ -69,16 +69,17 @@ def fitted(name: str, train: np.ndarray, **hparams):
     its training is tested on its own below)."""
     torch.manual_seed(0)
     model = build(name, train.shape[1:], **hparams)
-    model.before_training(train)
-    model.eval()
-    model.after_training(train)
-    return model
+    if model.trainable:
+        model.before_training(train)
+        return model.eval()
+    return model.fit(train)
 
 
 def scores(model, specs: np.ndarray, pooling: str | None = None) -> np.ndarray:
+    rule = pooling or info(model_name(model)).scoring.get("pooling", "mean")
     with torch.no_grad():
-        maps = model.error_map(torch.from_numpy(specs))
-    return pool_scores(maps, pooling or info(model_name(model)).scoring["pooling"])
+        return np.asarray(model.clip_scores(torch.from_numpy(specs),
+                                            lambda maps: pool_scores(maps, rule)))
 
 
 def model_name(model) -> str:
@@ -86,18 +87,22 @@ def model_name(model) -> str:
             "IDNN": "idnn"}[type(model).__name__]
 
 
-def test_models_are_registered_with_a_valid_pooling_rule():
+def test_frame_models_are_registered_with_a_valid_pooling_rule_and_clip_models_with_none():
     for name in QUALITY_MODELS:
         assert name in names()
-        check_pooling_rule(info(name).scoring["pooling"])
+        model = fitted(name, np.random.default_rng(0).normal(size=(6, 1, 8, 20)).astype("f4"))
+        if model.frame_level:
+            check_pooling_rule(info(name).scoring["pooling"])
+        else:
+            assert "pooling" not in info(name).scoring
 
 
 @pytest.mark.parametrize("name", QUALITY_MODELS)
 def test_error_map_shapes(name, mimii_crops):
     train, held_out, _ = mimii_crops["pump"]
     model = fitted(name, train)
-    maps = model.error_map(torch.from_numpy(held_out[:3]))
-    expected = {"clip-stats": (3, 1, 2), "frame-knn": (3, 64, CROP - 4),
+    maps = model.error_maps(torch.from_numpy(held_out[:3]))
+    expected = {"clip-stats": (3, 64, CROP), "frame-knn": (3, 64, CROP - 4),
                 "idnn": (3, 64, CROP - 4)}[name]
     assert tuple(maps.shape) == expected
     assert torch.isfinite(maps).all()
@@ -109,8 +114,9 @@ def test_state_dict_and_hparams_rebuild_the_same_model(name, mimii_crops):
     model = fitted(name, train, **({"max_bank": 500} if name == "frame-knn" else {}))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rebuilt = build(name, train.shape[1:], **model.hparams)
-    rebuilt.load_state_dict(state)  # buffers (bank, Gaussians) are allocated from hparams
-    rebuilt.eval()
+    rebuilt.load_state_dict(state)
+    if rebuilt.trainable:
+        rebuilt.eval()
     np.testing.assert_allclose(scores(rebuilt, held_out), scores(model, held_out), rtol=1e-5)
 
 
@@ -128,7 +134,7 @@ def test_frame_knn_leave_one_out_scores_exceed_in_sample_scores(mimii_crops):
     model = fitted("frame-knn", train)
     in_sample = scores(model, train)
     assert np.allclose(in_sample, 0.0, atol=1e-4)  # every window finds itself in the bank
-    out_of_sample = model.normal_scores(train, pooling="topk:0.1")
+    out_of_sample, _ = model.held_out_scores(train, lambda m: pool_scores(m, "topk:0.1"))
     assert out_of_sample.shape == (len(train),)
     assert (out_of_sample > in_sample + 1e-3).all()
 
@@ -137,24 +143,36 @@ def test_clip_stats_normal_scores_are_out_of_sample(mimii_crops):
     train, _, _ = mimii_crops["valve"]
     model = fitted("clip-stats", train)
     in_sample = scores(model, train)
-    held_out = model.normal_scores(train, pooling="max")
+    held_out, source = model.held_out_scores(train)
+    assert "leave-one-clip-out" in source
     assert held_out.mean() > in_sample.mean() + 0.5
     # by construction the out-of-sample z-scores of each expert average 0
-    assert abs(model._normal_maps.mean(axis=(0, 1))).max() < 1e-9
+    assert abs(model._held_out.mean(axis=0)).max() < 1e-9
 
 
-def test_clip_stats_max_pooling_takes_the_worst_expert(mimii_crops):
+def test_clip_stats_scores_take_the_worst_expert_or_their_mean(mimii_crops):
     train, held_out, _ = mimii_crops["pump"]
     model = fitted("clip-stats", train)
-    maps = model.error_map(torch.from_numpy(held_out)).numpy()
-    np.testing.assert_allclose(pool_scores(maps, "max"), maps[:, 0].max(axis=1), rtol=1e-6)
+    experts = model.expert_scores(torch.from_numpy(held_out))
+    assert experts.shape == (len(held_out), 2)
+    np.testing.assert_allclose(model.clip_scores(torch.from_numpy(held_out)),
+                               experts.max(axis=1), rtol=1e-12)
+    mean = fitted("clip-stats", train, combine="mean")
+    np.testing.assert_allclose(mean.clip_scores(torch.from_numpy(held_out)),
+                               experts.mean(axis=1), rtol=1e-9)
 
 
-def test_frame_knn_bank_is_capped_and_sized_in_hparams(mimii_crops):
+def test_frame_knn_bank_is_capped_and_its_size_comes_from_the_saved_tensor(mimii_crops):
     train, _, _ = mimii_crops["pump"]
     model = fitted("frame-knn", train, max_bank=100)
-    assert model.bank.shape[0] == 100 == model.hparams["bank_size"]
+    assert model.bank.shape[0] == 100 and "bank_size" not in model.hparams
     assert set(model.bank_clip.tolist()) <= set(range(len(train)))
+    rebuilt = build("frame-knn", train.shape[1:], **model.hparams)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.bank, model.bank)
+    too_big = build("frame-knn", train.shape[1:], max_bank=50)
+    with pytest.raises(ModelFileError, match="bank"):
+        too_big.load_state_dict(model.state_dict())
 
 
 def test_idnn_predicts_the_centre_frame_from_its_neighbours(mimii_crops):
@@ -200,17 +218,17 @@ def test_spectrograms_of_the_wrong_shape_are_refused(name, mimii_crops):
         build(name, (1, 64))
     model = fitted(name, train) if name != "idnn" else build(name, train.shape[1:])
     with pytest.raises(DataError):
-        model.error_map(torch.zeros(1, 1, 32, CROP))
+        model.error_maps(torch.zeros(1, 1, 32, CROP))
 
 
 def test_clip_stats_normal_scores_survive_a_rebuild_and_leave_the_model_unchanged(mimii_crops):
     train, held_out, _ = mimii_crops["pump"]
     model = fitted("clip-stats", train)
-    expected = model.normal_scores(train, pooling="max")
+    expected, _ = model.held_out_scores(train)
     rebuilt = build("clip-stats", train.shape[1:], **model.hparams)
     rebuilt.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in rebuilt.state_dict().items()}
-    np.testing.assert_allclose(rebuilt.normal_scores(train, pooling="max"), expected, rtol=1e-9)
+    np.testing.assert_allclose(rebuilt.held_out_scores(train)[0], expected, rtol=1e-9)
     for key, value in rebuilt.state_dict().items():
         assert torch.equal(value, before[key])
 
@@ -223,7 +241,7 @@ def test_detector_threshold_uses_out_of_sample_normal_scores(name, dcase_valve, 
     clips = find_clips(dcase_valve / "train")
     train = clips[:12] + clips[-12:]  # both domains
     detector = Detector(name, progress=False).fit(train)
-    specs, _ = detector.load_features(train)
+    specs = detector.features_of(train).specs
     in_sample = detector.score_features(specs)
     assert detector.train_scores_.mean() > in_sample.mean()
     detector.save(tmp_path / "model")
@@ -237,8 +255,8 @@ def test_clip_stats_takes_multichannel_spectrograms_of_any_length():
     train = rng.normal(size=(12, 3, 16, 40)).astype(np.float32)
     model = fitted("clip-stats", train)
     shorter = rng.normal(size=(2, 3, 16, 25)).astype(np.float32)
-    maps = model.error_map(torch.from_numpy(shorter))
-    assert tuple(maps.shape) == (2, 1, 2) and torch.isfinite(maps).all()
+    maps = model.expert_scores(torch.from_numpy(shorter))
+    assert tuple(maps.shape) == (2, 2) and np.isfinite(maps).all()
     assert model.spectrum_mean.shape == (2 * 3 * 16,)
 
 
@@ -267,7 +285,7 @@ def test_rhythm_statistics_see_timing_not_phase():
     assert np.abs(same_period).max() < 0.1 < np.abs(other_period).max()
     model = build("clip-stats-rhythm", (1, 8, 400))
     with pytest.raises(DataError, match="too short"):
-        model.error_map(torch.zeros(1, 1, 8, 100))
+        model.error_maps(torch.zeros(1, 1, 8, 100))
 
 
 def test_statistics_in_chunks_equal_the_whole_batch_and_numpy(monkeypatch):

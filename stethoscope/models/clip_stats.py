@@ -13,21 +13,19 @@ a few dozen clips suffice for a few hundred dimensions):
 A reconstruction autoencoder cannot see a click that has become weaker (the DCASE 2023 valve
 anomalies): a damped click is easy to reconstruct. The transient statistics see it directly.
 Each expert's distance is standardised by the spread of the leave-one-clip-out distances of
-the normal clips, so the experts are comparable; the error map holds one z-score per expert
-and the registered pooling ``"max"`` flags a clip when any expert finds it unusual.
+the normal clips, so the experts are comparable; a clip's score is the largest z-score
+(``combine="max"``): it is flagged when any expert finds it unusual.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from stethoscope.errors import DataError
 from stethoscope.features import iter_chunks
-from stethoscope.models.base import SpectrogramModel, per_mel_mean_std
+from stethoscope.models.base import AnomalyModel, check_state, per_mel_mean_std
 from stethoscope.models.registry import register
-from stethoscope.scoring import pool_scores
 
 EXPERTS = ("spectrum", "transients")  # the default; "rhythm" is opt-in (clip-stats-rhythm)
 TRANSIENT_QUANTILES = (0.9, 0.99, 1.0)
@@ -180,37 +178,48 @@ def out_of_sample_distances(rows: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(squared, 0.0))
 
 
-class ClipStatsGaussian(SpectrogramModel):
+class ClipStatsGaussian(AnomalyModel):
     """Mahalanobis distance of per-clip statistics to the normal clips, per expert.
 
-    No trainable parameters: ``after_training`` fits the Gaussians and the z-score scales;
-    ``error_map`` returns ``(B, 1, E)``, one z-score per expert.
+    No training: :meth:`fit` fits each expert's Gaussian and the z-scale of its distances in
+    closed form. A clip's score combines the experts' z-scores (``combine``: ``"max"``, the
+    most unusual expert, or ``"mean"``); :meth:`expert_scores` gives them apart and
+    :meth:`error_maps` the per-(mel, frame) squared z-score against the normal frames' level,
+    the "where" of the report. Not an ``nn.Module``: its state is arrays.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], experts: tuple[str, ...] | list[str] = EXPERTS
-                 ) -> None:
-        super().__init__()
+    frame_level = False  # scores whole clips; the detector's pooling rule does not apply
+
+    def __init__(self, input_shape: tuple[int, ...], experts: tuple[str, ...] | list[str] = EXPERTS,
+                 combine: str = "max") -> None:
         channels, mels, frames = check_input_shape(input_shape)
         experts = tuple(experts)
         unknown = sorted(set(experts) - set(STATS))
         if not experts or unknown or len(set(experts)) != len(experts):
             raise ValueError(f"clip-stats experts must be distinct names from {', '.join(STATS)}; "
                              f"got {list(experts)}")
+        if combine not in ("max", "mean"):
+            raise ValueError(f"clip-stats combine must be 'max' or 'mean', not {combine!r}")
         self.input_shape = (channels, mels, frames)
         self.experts = experts
-        self.hparams = {"experts": list(experts)}
-        self.is_autoencoder = False
-        self.encoder = nn.Identity()  # not an autoencoder: kept so the model API is uniform
-        self.decoder = nn.Identity()
+        self.combine = combine
+        self.hparams = {"experts": list(experts), "combine": combine}
+        self._state: dict[str, np.ndarray] = {}
         for name in experts:
             dim = expert_dim(name, channels, mels, frames)
-            self.register_buffer(f"{name}_mean", torch.zeros(dim, dtype=torch.float64))
-            self.register_buffer(f"{name}_precision", torch.zeros(dim, dim, dtype=torch.float64))
-            self.register_buffer(f"{name}_scale", torch.tensor([0.0, 1.0], dtype=torch.float64))
+            self._state[f"{name}_mean"] = np.zeros(dim)
+            self._state[f"{name}_precision"] = np.zeros((dim, dim))
+            self._state[f"{name}_scale"] = np.array([0.0, 1.0])
         # per-mel level of normal frames, for the report's "where does it deviate" map
-        self.register_buffer("frame_mean", torch.zeros(channels, mels, 1))
-        self.register_buffer("frame_std", torch.ones(channels, mels, 1))
-        self._normal_maps: np.ndarray | None = None
+        self._state["frame_mean"] = np.zeros((channels, mels, 1), dtype=np.float32)
+        self._state["frame_std"] = np.ones((channels, mels, 1), dtype=np.float32)
+        self._held_out: np.ndarray | None = None
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        state = self.__dict__.get("_state", {})
+        if name in state:
+            return state[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def statistics(self, specs) -> dict[str, np.ndarray]:
         """Each expert's statistics of spectrograms ``(N, C, M, F)``, in chunks.
@@ -224,9 +233,9 @@ class ClipStatsGaussian(SpectrogramModel):
                 stats[name][start:start + len(chunk)] = STATS[name](chunk)
         return stats
 
-    def after_training(self, specs) -> None:
-        """Fit each expert's Gaussian on all normal clips and its z-scale on their
-        out-of-sample distances (kept for :meth:`normal_scores`)."""
+    def fit(self, specs, train=None) -> ClipStatsGaussian:
+        """Fit each expert's Gaussian on all normal clips ``(N, C, M, F)`` and its z-scale on
+        their out-of-sample distances (kept for :meth:`held_out_scores`)."""
         if len(specs) < 3:
             raise DataError(f"clip-stats needs at least 3 normal clips, got {len(specs)}")
         stats = self.statistics(specs)
@@ -234,63 +243,83 @@ class ClipStatsGaussian(SpectrogramModel):
             mean, precision = fit_gaussian(stats[name])
             held_out = out_of_sample_distances(stats[name])
             spread = held_out.std()
-            getattr(self, f"{name}_mean").copy_(torch.from_numpy(mean))
-            getattr(self, f"{name}_precision").copy_(torch.from_numpy(precision))
-            getattr(self, f"{name}_scale").copy_(
-                torch.tensor([held_out.mean(), spread if spread > 0 else 1.0]))
-        self._normal_maps = self._held_out_maps(stats)
-        self._fit_frame_profile(specs)
-
-    def _fit_frame_profile(self, specs) -> None:
-        """Per-mel mean and std over every frame of the normal clips."""
+            self._state[f"{name}_mean"] = mean
+            self._state[f"{name}_precision"] = precision
+            self._state[f"{name}_scale"] = np.array([held_out.mean(), spread if spread > 0 else 1.0])
+        self._held_out = self._held_out_z(stats)
         mean, std = per_mel_mean_std(specs, CHUNK)
-        self.frame_mean.copy_(mean)
-        self.frame_std.copy_(std)
+        self._state["frame_mean"], self._state["frame_std"] = mean.numpy(), std.numpy()
+        return self
 
-    def explain(self, spec: torch.Tensor) -> torch.Tensor:
-        """Squared z-score of every (mel, frame) cell against the normal frames' per-mel
-        level, ``(B, M, F)``: loud or quiet bands and missing or extra events stand out."""
-        z = (spec.float() - self.frame_mean) / self.frame_std
-        return (z**2).mean(1)
-
-    def _held_out_maps(self, stats: dict[str, np.ndarray]) -> np.ndarray:
-        """Leave-one-out distances of the given clips, z-scored like :meth:`error_map`."""
+    def _held_out_z(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """Leave-one-out distances of the given clips, z-scored like :meth:`expert_scores`,
+        ``(N, E)``."""
         columns = []
         for name in self.experts:
-            centre, spread = getattr(self, f"{name}_scale").tolist()
+            centre, spread = self._state[f"{name}_scale"].tolist()
             columns.append((out_of_sample_distances(stats[name]) - centre) / spread)
-        return np.stack(columns, 1)[:, None, :]
+        return np.stack(columns, 1)
 
-    def normal_scores(self, specs, pooling: str = "max") -> np.ndarray:
+    def _combined(self, z: np.ndarray) -> np.ndarray:
+        return (z.max(axis=1) if self.combine == "max" else z.mean(axis=1)).astype(np.float64)
+
+    def held_out_scores(self, specs, pool=None) -> tuple[np.ndarray, str]:
         """Out-of-sample (leave-one-clip-out) scores of the normal training clips ``specs``,
         for the threshold; the fitted model is left unchanged."""
-        if self._normal_maps is None or len(self._normal_maps) != len(specs):
+        if self._held_out is None or len(self._held_out) != len(specs):
             if len(specs) < 3:
                 raise DataError(f"clip-stats needs at least 3 normal clips, got {len(specs)}")
-            self._normal_maps = self._held_out_maps(self.statistics(specs))
-        return pool_scores(self._normal_maps, pooling)
+            self._held_out = self._held_out_z(self.statistics(specs))
+        return self._combined(self._held_out), "leave-one-clip-out scores of the training clips"
 
-    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
-        """z-scored Mahalanobis distance per expert, ``(B, 1, E)``."""
-        if spec.dim() != 4 or tuple(spec.shape[1:3]) != self.input_shape[:2] or spec.shape[3] < 2:
+    def _check_batch(self, spec) -> None:
+        if spec.ndim != 4 or tuple(spec.shape[1:3]) != self.input_shape[:2] or spec.shape[3] < 2:
             raise DataError(f"spectrograms of shape {tuple(spec.shape[1:])} do not fit "
                             f"clip-stats built for {self.input_shape[:2]} (channels, mels)")
         if "rhythm" in self.experts and rhythm_lags(spec.shape[3]) != rhythm_lags(
                 self.input_shape[2]):
             raise DataError(f"clips of {spec.shape[3]} frames are too short for the rhythm "
                             f"statistics of a model trained on {self.input_shape[2]} frames")
-        values = spec.detach().float().cpu().numpy()
+
+    def expert_scores(self, batch) -> np.ndarray:
+        """z-scored Mahalanobis distance of each clip per expert, ``(B, E)``."""
+        self._check_batch(batch)
+        values = _as_array(batch)
         columns = []
         for name in self.experts:  # NumPy: a third of the time of the same torch ops here
-            distance = mahalanobis(STATS[name](values), getattr(self, f"{name}_mean").cpu().numpy(),
-                                   getattr(self, f"{name}_precision").cpu().numpy())
-            centre, spread = getattr(self, f"{name}_scale").tolist()
+            distance = mahalanobis(STATS[name](values), self._state[f"{name}_mean"],
+                                   self._state[f"{name}_precision"])
+            centre, spread = self._state[f"{name}_scale"].tolist()
             columns.append((distance - centre) / spread)
-        maps = np.stack(columns, 1)[:, None, :].astype(np.float32)
-        return torch.from_numpy(maps).to(spec.device)
+        return np.stack(columns, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.error_map(x)
+    def clip_scores(self, batch, pool=None) -> np.ndarray:
+        """The experts' z-scores combined (``combine``), one per clip ``(B,)``."""
+        return self._combined(self.expert_scores(batch))
+
+    def error_maps(self, batch) -> torch.Tensor:
+        """Squared z-score of every (mel, frame) cell against the normal frames' per-mel
+        level, ``(B, M, F)``: loud or quiet bands and missing or extra events stand out."""
+        self._check_batch(batch)
+        z = (_as_array(batch) - self._state["frame_mean"]) / self._state["frame_std"]
+        return torch.from_numpy((z**2).mean(1).astype(np.float32))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: torch.from_numpy(np.ascontiguousarray(value))
+                for key, value in self._state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        check_state(state, {key: value.shape for key, value in self._state.items()},
+                    "clip-stats")
+        for key, value in self._state.items():
+            self._state[key] = state[key].numpy().astype(value.dtype, copy=True)
+        self._held_out = None
+
+
+def _as_array(batch) -> np.ndarray:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().float().cpu().numpy()
+    return np.asarray(batch, dtype=np.float32)
 
 
 def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -303,7 +332,6 @@ def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 # hop 256 (16 ms): a click is shorter than one 32 ms hop; finer frames keep its peak
 CLIP_STATS_FEATURES = {"n_mels": 64, "n_fft": 1024, "hop_length": 256}
-CLIP_STATS_SCORING = {"pooling": "max"}  # a clip is as unusual as its most unusual expert
 
 
 # Slide rails are reciprocating: their faults can change only *when* strokes happen, which
@@ -320,12 +348,12 @@ RHYTHM_MACHINES = ("slider",)
                 "background) to the normal clips; max of the z-scores. Adds the rhythm "
                 "expert when trained on slide rails.",
     features=CLIP_STATS_FEATURES,
-    scoring=CLIP_STATS_SCORING,
     per_machine={m: {"experts": [*EXPERTS, "rhythm"]} for m in RHYTHM_MACHINES},
 )
 def build_clip_stats(input_shape: tuple[int, ...],
-                     experts: tuple[str, ...] | list[str] = EXPERTS) -> ClipStatsGaussian:
-    return ClipStatsGaussian(input_shape, experts=experts)
+                     experts: tuple[str, ...] | list[str] = EXPERTS,
+                     combine: str = "max") -> ClipStatsGaussian:
+    return ClipStatsGaussian(input_shape, experts=experts, combine=combine)
 
 
 @register(
@@ -334,9 +362,8 @@ def build_clip_stats(input_shape: tuple[int, ...],
                 "for machines whose faults change timing: slide rails, valves with late or "
                 "missing strokes. Costs 0.05 AUC on the real DCASE valve (docs/quality.md).",
     features=CLIP_STATS_FEATURES,
-    scoring=CLIP_STATS_SCORING,
 )
 def build_clip_stats_rhythm(input_shape: tuple[int, ...],
-                            experts: tuple[str, ...] | list[str] = (*EXPERTS, "rhythm")
-                            ) -> ClipStatsGaussian:
-    return ClipStatsGaussian(input_shape, experts=experts)
+                            experts: tuple[str, ...] | list[str] = (*EXPERTS, "rhythm"),
+                            combine: str = "max") -> ClipStatsGaussian:
+    return ClipStatsGaussian(input_shape, experts=experts, combine=combine)

@@ -64,7 +64,7 @@ class DcaseAE(SpectrogramModel):
         windows = windows.reshape(-1, self.frames * mels)
         return windows, windows
 
-    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
+    def error_maps(self, spec: torch.Tensor) -> torch.Tensor:
         """Squared error per mel band and window ``(B, M, F-frames+1)``, averaged over the
         stacked frames and the channels; its mean is the baseline's mean window MSE."""
         batch, channels, mels, clip_frames = spec.shape

@@ -6,7 +6,7 @@ distance to its ``k`` nearest bank windows. Pooled with ``topk:0.1`` over time, 
 sound (a rattle, a knock) is not averaged away by the rest of the clip. A strong
 non-parametric baseline for sounds that are new; it cannot see a sound that is missing.
 
-The bank scores its own clips as perfect (distance 0), so :meth:`normal_scores` scores each
+The bank scores its own clips as perfect (distance 0), so :meth:`held_out_scores` scores each
 training clip against the bank without that clip's own windows (leave-one-clip-out).
 """
 
@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
-from stethoscope.errors import DataError
+from stethoscope.errors import DataError, ModelFileError
 from stethoscope.models.base import (
-    SpectrogramModel,
+    AnomalyModel,
+    check_state,
     per_mel_mean_std,
     standardised_windows,
 )
 from stethoscope.models.registry import register
-from stethoscope.scoring import pool_scores
 
 DEFAULT_MAX_BANK = 16384  # windows kept; more are subsampled (distance cost grows with it)
 QUERY_CHUNK = 2048  # query windows per distance matrix: bounds memory
 
 
-class FrameKNN(SpectrogramModel):
+class FrameKNN(AnomalyModel):
     """Memory bank of standardised frame windows; error map = per-mel squared difference to
-    the nearest bank window, ``(B, M, F - context + 1)``."""
+    the nearest bank window, ``(B, M, F - context + 1)``. Not an ``nn.Module``: its state is
+    the bank (whose size follows from the saved tensor) and the per-mel statistics."""
 
     def __init__(self, input_shape: tuple[int, ...], context: int = 5, k: int = 1,
-                 max_bank: int = DEFAULT_MAX_BANK, bank_size: int = 0, seed: int = 0) -> None:
-        super().__init__()
+                 max_bank: int = DEFAULT_MAX_BANK, seed: int = 0) -> None:
         channels, mels, frames = (int(s) for s in input_shape) if len(input_shape) == 3 else (0, 0, 0)
         if min(channels, mels) < 1 or frames < context or context < 1 or k < 1 or max_bank < 1:
             raise DataError(f"frame-knn needs spectrograms (channels, mels, frames) with at "
@@ -44,15 +43,12 @@ class FrameKNN(SpectrogramModel):
         self.input_shape = (channels, mels, frames)
         self.context, self.k = int(context), int(k)
         self.hparams = {"context": int(context), "k": int(k), "max_bank": int(max_bank),
-                        "bank_size": int(bank_size), "seed": int(seed)}
-        self.is_autoencoder = False
-        self.encoder = nn.Identity()  # not an autoencoder: kept so the model API is uniform
-        self.decoder = nn.Identity()
-        dim = channels * mels * context
-        self.register_buffer("mel_mean", torch.zeros(channels, mels, 1))
-        self.register_buffer("mel_std", torch.ones(channels, mels, 1))
-        self.register_buffer("bank", torch.zeros(int(bank_size), dim))
-        self.register_buffer("bank_clip", torch.zeros(int(bank_size), dtype=torch.int64))
+                        "seed": int(seed)}
+        self.dim = channels * mels * self.context
+        self.mel_mean = torch.zeros(channels, mels, 1)
+        self.mel_std = torch.ones(channels, mels, 1)
+        self.bank = torch.zeros(0, self.dim)
+        self.bank_clip = torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------------------ windows
     def windows(self, spec: torch.Tensor) -> torch.Tensor:
@@ -61,19 +57,11 @@ class FrameKNN(SpectrogramModel):
                                  self.input_shape, "frame-knn")  # (B, C, M, W, context)
         return w.permute(0, 3, 1, 2, 4).reshape(w.shape[0], w.shape[3], -1)
 
-    def make_examples(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.windows(spec).flatten(0, 1)
-        return w, w
-
     # ------------------------------------------------------------------ fitting
-    def before_training(self, specs) -> None:
-        """Per-(channel, mel) mean and standard deviation over all normal frames."""
-        mean, std = per_mel_mean_std(specs, min_std=1e-3)
-        self.mel_mean.copy_(mean)
-        self.mel_std.copy_(std)
-
-    def after_training(self, specs) -> None:
-        """Fill the memory bank with the normal windows (a random subset beyond max_bank)."""
+    def fit(self, specs, train=None) -> FrameKNN:
+        """Per-(channel, mel) statistics over all normal frames, then the memory bank of
+        normal windows (a seeded random subset beyond ``max_bank``)."""
+        self.mel_mean, self.mel_std = per_mel_mean_std(specs, min_std=1e-3)
         windows, owners = [], []
         for i in range(len(specs)):
             w = self.windows(torch.from_numpy(np.array(specs[i:i + 1], dtype=np.float32)))[0]
@@ -87,7 +75,7 @@ class FrameKNN(SpectrogramModel):
             bank, owner = bank[keep], owner[keep]
         self.bank = bank.contiguous()
         self.bank_clip = owner
-        self.hparams["bank_size"] = int(len(bank))
+        return self
 
     # ------------------------------------------------------------------ scoring
     def _nearest(self, queries: torch.Tensor, exclude_clip: int | None = None) -> torch.Tensor:
@@ -107,29 +95,43 @@ class FrameKNN(SpectrogramModel):
             out.append(bank[index].mean(1))
         return torch.cat(out)
 
-    def _error_map(self, spec: torch.Tensor, exclude_clip: int | None = None) -> torch.Tensor:
+    def _error_maps(self, spec: torch.Tensor, exclude_clip: int | None = None) -> torch.Tensor:
         batch, channels, mels, _ = spec.shape
-        w = self.windows(spec)
+        w = self.windows(spec.float())
         n = w.shape[1]
         nearest = self._nearest(w.flatten(0, 1), exclude_clip).reshape(w.shape)
         error = ((w - nearest) ** 2).reshape(batch, n, channels, mels, self.context)
         return error.mean(dim=(2, 4)).transpose(1, 2)
 
-    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
+    def error_maps(self, batch: torch.Tensor) -> torch.Tensor:
         """Per-mel squared difference of each window to its nearest normal windows,
         averaged over channels and the window's frames: ``(B, M, F - context + 1)``."""
-        return self._error_map(spec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.error_map(x)
+        return self._error_maps(torch.as_tensor(batch))
 
     @torch.no_grad()
-    def normal_scores(self, specs, pooling: str = "topk:0.1") -> np.ndarray:
+    def held_out_scores(self, specs, pool) -> tuple[np.ndarray, str]:
         """Leave-one-clip-out scores of the training clips ``specs`` (in the order they were
-        given to :meth:`after_training`): each clip against the bank without its windows."""
-        maps = [self._error_map(torch.from_numpy(np.array(specs[i:i + 1], dtype=np.float32)),
-                                exclude_clip=i) for i in range(len(specs))]
-        return pool_scores(torch.cat(maps), pooling)
+        given to :meth:`fit`): each clip against the bank without its windows."""
+        maps = [self._error_maps(torch.from_numpy(np.array(specs[i:i + 1], dtype=np.float32)),
+                                 exclude_clip=i) for i in range(len(specs))]
+        return pool(torch.cat(maps)), "leave-one-clip-out scores of the training clips"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mel_mean": self.mel_mean, "mel_std": self.mel_std, "bank": self.bank,
+                "bank_clip": self.bank_clip}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        channels, mels, _ = self.input_shape
+        check_state(state, {"mel_mean": (channels, mels, 1), "mel_std": (channels, mels, 1),
+                            "bank": None, "bank_clip": None}, "frame-knn")
+        bank, owner = state["bank"], state["bank_clip"]
+        if bank.ndim != 2 or bank.shape[1] != self.dim or not 0 < bank.shape[0] <= \
+                self.hparams["max_bank"] or tuple(owner.shape) != (bank.shape[0],):
+            raise ModelFileError(f"weights do not fit frame-knn: a bank of shape "
+                                 f"{tuple(bank.shape)} for windows of {self.dim} values and at "
+                                 f"most {self.hparams['max_bank']} rows")
+        self.mel_mean, self.mel_std = state["mel_mean"].float(), state["mel_std"].float()
+        self.bank, self.bank_clip = bank.float().contiguous(), owner.long()
 
 
 @register(
@@ -140,7 +142,5 @@ class FrameKNN(SpectrogramModel):
     scoring={"pooling": "topk:0.1"},
 )
 def build_frame_knn(input_shape: tuple[int, ...], context: int = 5, k: int = 1,
-                    max_bank: int = DEFAULT_MAX_BANK, bank_size: int = 0,
-                    seed: int = 0) -> FrameKNN:
-    return FrameKNN(input_shape, context=context, k=k, max_bank=max_bank,
-                    bank_size=bank_size, seed=seed)
+                    max_bank: int = DEFAULT_MAX_BANK, seed: int = 0) -> FrameKNN:
+    return FrameKNN(input_shape, context=context, k=k, max_bank=max_bank, seed=seed)

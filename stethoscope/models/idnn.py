@@ -73,7 +73,7 @@ class IDNN(SpectrogramModel):
         outer = torch.cat([w[:, :centre], w[:, centre + 1:]], 1).flatten(1)
         return outer, w[:, centre]
 
-    def error_map(self, spec: torch.Tensor) -> torch.Tensor:
+    def error_maps(self, spec: torch.Tensor) -> torch.Tensor:
         """Squared error of the predicted centre frame per mel, averaged over channels."""
         batch, channels, mels, frames = spec.shape
         inputs, targets = self.make_examples(spec)

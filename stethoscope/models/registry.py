@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,7 @@ class ModelInfo:
     """What the registry knows about one model name."""
 
     name: str
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., Any]
     description: str
     features: dict = field(default_factory=dict)  # FeatureConfig overrides
     training: dict = field(default_factory=dict)  # TrainConfig overrides
@@ -32,12 +31,12 @@ _REGISTRY: dict[str, ModelInfo] = {}
 def register(name: str, *, description: str, features: dict | None = None,
              training: dict | None = None, scoring: dict | None = None,
              kind: str = "anomaly", per_machine: dict | None = None):
-    """Decorator: register ``builder(input_shape, **hparams) -> nn.Module`` under ``name``.
+    """Decorator: register ``builder(input_shape, **hparams) -> model`` under ``name``.
 
     ``per_machine`` maps a machine type (as the MIMII/DCASE folders name it) to hparams the
     detector uses when every training clip comes from that machine type."""
 
-    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = ModelInfo(name, builder, description, dict(features or {}),
@@ -56,8 +55,11 @@ def _ensure_loaded() -> None:
 def info(name: str) -> ModelInfo:
     _ensure_loaded()
     if name not in _REGISTRY:
-        known = ", ".join(names())
-        raise ValueError(f"unknown model {name!r}; choose one of: {known}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown model {name!r}; {hint}choose one of: {', '.join(names())}")
     return _REGISTRY[name]
 
 
@@ -67,6 +69,6 @@ def names(kind: str | None = "anomaly") -> list[str]:
     return sorted(n for n, i in _REGISTRY.items() if kind is None or i.kind == kind)
 
 
-def build(name: str, input_shape: tuple[int, ...], **hparams) -> nn.Module:
+def build(name: str, input_shape: tuple[int, ...], **hparams) -> Any:
     """Build model ``name`` for inputs of ``input_shape`` (one example, no batch axis)."""
     return info(name).builder(tuple(input_shape), **hparams)
