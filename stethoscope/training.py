@@ -107,7 +107,7 @@ class History:
 
     def save(self, directory: str | Path) -> None:
         """Write ``history.json`` and ``history.csv`` atomically into ``directory``."""
-        from stethoscope.storage import atomic_write_text
+        from stethoscope.atomic import atomic_write_text
 
         directory = Path(directory)
         atomic_write_text(directory / "history.json", json.dumps(self.to_dict(), indent=2))
