@@ -28,6 +28,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_config() -> dict:
+    """uvicorn's logging with the access log on stderr too (stdout carries results only)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
 def url_of(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/"
@@ -72,7 +83,7 @@ def serve(settings: ServiceSettings, *, out: TextIO = sys.stdout) -> int:
         print(f"token: {first}   (admin; shown only now, stored hashed: keep it)", file=out)
     out.flush()
     config = uvicorn.Config(app, log_level="info", access_log=settings.access_log,
-                            timeout_graceful_shutdown=3, server_header=False, lifespan="on",
-                            backlog=2048)
+                            log_config=log_config(), timeout_graceful_shutdown=3,
+                            server_header=False, lifespan="on", backlog=2048)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
