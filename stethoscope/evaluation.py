@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stethoscope.atomic import atomic_write_bytes
 from stethoscope.datasets import groups_of, labels_of
 from stethoscope.detector import Detector, Inputs
 from stethoscope.errors import DataError
 from stethoscope.features import clip_features, input_kind
 from stethoscope.metrics import evaluate
 from stethoscope.report import write_evaluation_report
-from stethoscope.storage import atomic_write_bytes
 
 
 def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Path | None = None,

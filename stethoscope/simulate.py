@@ -30,6 +30,7 @@ import scipy.fft
 import soundfile as sf
 from scipy.signal import oaconvolve
 
+from stethoscope.atomic import atomic_write_bytes, atomic_write_text
 from stethoscope.errors import DataError
 from stethoscope.progress import progress_bar
 
@@ -945,8 +946,6 @@ def simulate_dataset(machine: str, n_normal: int, n_abnormal: int, out: str | Pa
     cycle through ``faults`` (default: every fault of the machine) with severities spread
     around ``severity`` (x0.6 to x1.4), like real faults of different stages.
     """
-    from stethoscope.storage import atomic_write_bytes, atomic_write_text  # lazy: torch
-
     _check_machine(machine)
     faults = tuple(faults) if faults is not None else FAULTS[machine]
     for fault in faults:
