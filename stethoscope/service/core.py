@@ -78,18 +78,27 @@ class Service:
                                   on_commit=self._after_commit, on_batch=self._observe_batch)
         self.scoring = ThreadPoolExecutor(1, thread_name_prefix="stethoscope-score")
         self._sweeper: asyncio.Task | None = None
+        self._lifespans = 0
         self.render_png = lru_cache(maxsize=64)(self._render_png)
         for name, machine in self.fleet.items():
             self.metrics.threshold.labels(name).set(machine.threshold)
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
+        """Start the writer and the audio sweeper; a second lifespan on the same app (a test
+        harness running its own) only counts, and the last stop stops them."""
+        self._lifespans += 1
+        if self._lifespans > 1:
+            return
         self.hub.bind(asyncio.get_running_loop())
         self.writer.start()
         if self.keeper.enabled:
             self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        self._lifespans -= 1
+        if self._lifespans > 0:
+            return
         self.hub.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
