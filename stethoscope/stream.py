@@ -313,6 +313,8 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
         raise StreamError("without a model, give the window length (--window SECONDS)")
     hop = hop or window
     source = getattr(reader, "source", SOURCE_NAME)
+    if scorer is not None:
+        warm_up(scorer, window, reader.format.channels)
     for index, (start, wave) in enumerate(iter_windows(reader, window, hop)):
         offset = start / rate
         line: dict = {"window": index, "start_s": round(offset, 6),
@@ -340,6 +342,16 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
     if getattr(reader, "leftover_bytes", 0):
         print(f"stethoscope stream: the stream ended inside a sample frame "
               f"({reader.leftover_bytes} bytes ignored)", file=log, flush=True)
+
+
+def warm_up(scorer, window: int, channels: int) -> None:
+    """Score one window of faint seeded noise, so that the first real window does not pay
+    for one-time set-up (thread pools, buffers, onnxruntime's first run: 25-150 ms)."""
+    noise = np.random.default_rng(0).standard_normal((channels, window)).astype(np.float32)
+    try:
+        scorer.score_waveform(noise * np.float32(1e-3), scorer.sample_rate, source="warm-up")
+    except StethoscopeError:
+        pass
 
 
 def _post_window(poster, wave: np.ndarray, rate: int, subtype: str, recorded_at: dt.datetime,
