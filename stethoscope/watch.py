@@ -395,13 +395,14 @@ class FolderWatcher:
     interval_s : seconds between polls (without file-system events).
     recursive : watch subfolders too.
     events : use watchdog's file-system events (None: when watchdog is installed).
-    emit : where result lines are printed as well (default stdout; None: nowhere).
+    emit : where result lines are printed as well (default ``"stdout"``, the process's
+        stdout when the watcher is made; None: nowhere).
     """
 
     def __init__(self, folder: str | Path, *, scorer=None, output: str | Path | None = None,
                  poster: RecordingPoster | None = None, state: str | Path | None = None,
                  settle_s: float = 2.0, interval_s: float = 1.0, recursive: bool = False,
-                 events: bool | None = None, emit: TextIO | None = sys.stdout,
+                 events: bool | None = None, emit: TextIO | None | str = "stdout",
                  log: TextIO | None = None) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -419,7 +420,8 @@ class FolderWatcher:
         self.scorer, self.poster = scorer, poster
         self.settle_s, self.interval_s, self.recursive = settle_s, interval_s, recursive
         self.events = _watchdog_available() if events is None else events
-        self.emit, self.log = emit, log or sys.stderr
+        self.emit = sys.stdout if emit == "stdout" else emit
+        self.log = log or sys.stderr
         state_path = Path(state) if state is not None else Path(str(output) + STATE_SUFFIX)
         self.state = WatchState(state_path)
         try:
