@@ -166,14 +166,14 @@ class LiveServer:
     def __init__(self, app) -> None:
         import uvicorn
 
-        from stethoscope.service.server import bind_socket
+        from stethoscope.service.server import bind_socket, make_server
 
         self.app = app
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", lifespan="on",
                                 timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 

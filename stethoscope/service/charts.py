@@ -34,8 +34,10 @@ def sparkline(points: list[tuple[int, float]], threshold: float, t0: int, t1: in
     coords = [xy(t, s) for t, s in points]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
     ty = xy(t0, threshold)[1]
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{ANOMALOUS}"/>'
-                   for (x, y), (_, s) in zip(coords, points, strict=True) if s > threshold)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" '
+                   f'fill="{ANOMALOUS if s > threshold else NORMAL}"/>'
+                   for (x, y), (_, s) in zip(coords, points, strict=True)
+                   if s > threshold or len(points) == 1)
     return (f'<svg class="spark" width="{width}" height="{height}" role="img" '
             f'aria-label="scores of the last day">'
             f'<line x1="0" x2="{width}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="{THRESHOLD}" '
@@ -54,7 +56,7 @@ def timeline(points: list[tuple[int, float, bool]], threshold: float,
              height: int = 240) -> str:
     """Score against time: ``points`` ``(time ms, score, anomalous)``, the threshold as a
     dashed red line, ``alerts`` ``(alert id, opened ms)`` as orange markers. Times in UTC."""
-    left, right, top, bottom = 56, 12, 14, 28
+    left, right, top, bottom = 56, 40, 14, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     scores = [s for _, s, _ in points]
     low, high = _y_range(scores or [threshold], threshold)
@@ -82,7 +84,7 @@ def timeline(points: list[tuple[int, float, bool]], threshold: float,
     ty = y(threshold)
     parts.append(f'<line class="threshold" x1="{left}" x2="{left + plot_w}" y1="{ty:.1f}" '
                  f'y2="{ty:.1f}" stroke="{THRESHOLD}" stroke-dasharray="6 4"/>'
-                 f'<text x="{left + plot_w - 4}" y="{ty - 4:.1f}" text-anchor="end" '
+                 f'<text x="{left + 4}" y="{ty - 4:.1f}" '
                  f'font-size="11" fill="{THRESHOLD}">threshold {threshold:.3g}</text>')
     for alert_id, opened in alerts:
         if t0 <= opened <= t1:

@@ -92,9 +92,9 @@ def machine_view(svc: Service, name: str) -> dict:
     summary = next(m for m in svc.machine_summaries() if m["machine"] == name)
     points = svc.store.timeline(name, now - DAY_MS)
     alerts = svc.store.alerts(state="all", machine=name, limit=50)
-    t0 = min(points[0][0], now - 5 * 60_000) if points else now - DAY_MS
+    t0, t1 = time_axis(points, now)
     chart = charts.timeline(charts.thin(points, 600), summary["threshold"],
-                            [(a["id"], a["opened_ms"]) for a in alerts], t0, now)
+                            [(a["id"], a["opened_ms"]) for a in alerts], t0, t1)
     recent = svc.store.history(name, limit=RECENT)
     for row in recent:
         row["when"] = iso(row["received_ms"])
@@ -105,6 +105,15 @@ def machine_view(svc: Service, name: str) -> dict:
     return {"m": {**summary, "ago": ago(summary["last_received_ms"], now)}, "chart": chart,
             "recent": recent, "alerts": alerts, "updated": iso(now),
             "keep_audio": svc.keeper.enabled}
+
+
+def time_axis(points: list[tuple[int, float, bool]], now: int) -> tuple[int, int]:
+    """From the first point of the day to now, at least a minute, with a margin."""
+    if not points:
+        return now - DAY_MS, now
+    start = min(points[0][0], now - 60_000)
+    margin = (now - start) // 30
+    return start - margin, now + margin
 
 
 def _machine_or_404(svc: Service, name: str) -> None:

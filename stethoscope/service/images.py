@@ -20,15 +20,15 @@ def render_png(machine: MachineModel, audio: Path, kind: str, title: str) -> byt
 
     det = machine.detector
     cfg = det.feature_config_
-    with machine.lock:
+    with machine.lock:  # the model's part only; drawing does not hold up the uploads
         wave, _ = read_wav(audio, channels=cfg.channels, sample_rate=cfg.sample_rate,
                            resample=cfg.resample)
         spec = crop_frames(logmel(wave, cfg), cfg.frames, audio)
-        if kind == "spectrogram":
-            fig = plot_spectrograms([spec], [title], ncols=1)
-        else:
-            error = det.error_maps([audio])[0]
-            fig = plot_error_maps([spec], [error], [title])
+        error = det.error_maps([audio])[0] if kind == "deviation" else None
+    if kind == "spectrogram":
+        fig = plot_spectrograms([spec], [title], ncols=1)
+    else:
+        fig = plot_error_maps([spec], [error], [title])
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
+    fig.savefig(buffer, format="png", dpi=72)
     return buffer.getvalue()

@@ -85,5 +85,20 @@ def serve(settings: ServiceSettings, *, out: TextIO = sys.stdout) -> int:
     config = uvicorn.Config(app, log_level="info", access_log=settings.access_log,
                             log_config=log_config(), timeout_graceful_shutdown=3,
                             server_header=False, lifespan="on", backlog=2048)
-    uvicorn.Server(config).run(sockets=[sock])
+    make_server(config).run(sockets=[sock])
     return 0
+
+
+def make_server(config):
+    """A uvicorn server that, when told to stop, first ends the live-event streams (they
+    never end by themselves, and uvicorn waits for open responses before it exits)."""
+    import uvicorn
+
+    class ServiceServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            service = getattr(getattr(config.app, "state", None), "service", None)
+            if service is not None:
+                service.hub.close()
+            await super().shutdown(sockets=sockets)
+
+    return ServiceServer(config)
