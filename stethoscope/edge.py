@@ -55,12 +55,31 @@ def window_starts(n_samples: int, window: int, hop: int, tail: int) -> list[int]
     return starts
 
 
+def pool_window_scores(scores: list[float], rule: str) -> float:
+    """A recording's score from its window scores, by the rules of
+    :func:`stethoscope.scoring.pool_scores` (``mean``, ``max``, ``median``, ``topk:R``,
+    ``pNN``); repeated here in NumPy so that this module needs no more than NumPy."""
+    values = np.asarray(scores, dtype=np.float64)
+    if rule == "mean":
+        return float(values.mean())
+    if rule == "max":
+        return float(values.max())
+    if rule == "median":
+        return float(np.median(values))
+    if rule.startswith("topk:"):
+        count = max(1, math.ceil(float(rule[5:]) * values.size))
+        return float(np.sort(values)[-count:].mean())
+    if rule.startswith("p"):
+        return float(np.percentile(values, float(rule[1:])))
+    raise ModelFileError(f"unknown window pooling rule {rule!r} in the ONNX metadata")
+
+
 class Scorer(Protocol):
     """What ``watch`` and ``stream`` need from a model, whichever runtime scores it."""
 
     sample_rate: int
     window_samples: int
-    input_channels: int
+    input_channels: int | None
     threshold: float
 
     def score_waveform(self, wave: np.ndarray, sample_rate: int, source: str | None = None
@@ -82,9 +101,10 @@ class EdgeScorer:
     path : the ``.onnx`` file.
     threads : onnxruntime intra-op threads (None: onnxruntime's default, all cores).
 
-    Attributes: ``sample_rate``, ``window_samples``, ``hop_samples``, ``input_channels``,
-    ``channels`` (which channels of a recording the model uses: an index, ``"mean"`` or
-    ``"all"``), ``threshold``, ``model`` (the exported model's name), ``metadata``.
+    Attributes: ``sample_rate``, ``window_samples``, ``hop_samples``, ``input_channels``
+    (None: any number, averaged), ``channels`` (which channels of a recording the model
+    uses: an index, ``"mean"`` or ``"all"``), ``window_pooling`` (how window scores become a
+    recording's), ``threshold``, ``model`` (the exported model's name), ``metadata``.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
@@ -112,13 +132,16 @@ class EdgeScorer:
         self.sample_rate = int(self.metadata["sample_rate"])
         self.window_samples = int(self.metadata["window_samples"])
         self.hop_samples = int(self.metadata.get("window_hop_samples") or self.window_samples)
-        self.input_channels = int(self.metadata["input_channels"])
         self.channels = self.metadata.get("channels", 0)
+        given = self.metadata.get("input_channels")
+        self.input_channels = None if given is None else int(given)  # None: any ("mean")
+        self.window_pooling = self.metadata.get("window_pooling") or "max"
         self.threshold = float(self.metadata["threshold"])
         self.stft_hop = int(self.metadata["features"]["hop_length"])
 
     def score_window(self, wave: np.ndarray) -> tuple[float, bool]:
-        """Score and verdict of exactly one window, float32 ``(input_channels, window_samples)``."""
+        """Score and verdict of exactly one window, float32 ``(C, window_samples)`` with the
+        model's channels (``input_channels``; any number when the model averages them)."""
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         score, anomalous = self.session.run(None, {"waveform": wave})
         return float(score[0]), bool(anomalous[0])
@@ -126,6 +149,8 @@ class EdgeScorer:
     def _model_channels(self, wave: np.ndarray, source: str) -> np.ndarray:
         from stethoscope.audio import select_channels
 
+        if self.channels == "mean":  # the graph averages the channels' log-mels itself
+            return wave
         wave = select_channels(wave, self.channels, source)
         if wave.shape[0] != self.input_channels:
             raise AudioError(f"has {wave.shape[0]} channel(s) after choosing "
@@ -165,8 +190,8 @@ class EdgeScorer:
             windows.append({"start_s": round(start / self.sample_rate, 6),
                             "end_s": round((start + self.window_samples) / self.sample_rate, 6),
                             "score": score, "anomalous": anomalous})
-        best = max(windows, key=lambda w: w["score"])
-        return {"path": source, "score": best["score"], "anomalous": best["score"] > self.threshold,
+        score = pool_window_scores([w["score"] for w in windows], self.window_pooling)
+        return {"path": source, "score": score, "anomalous": score > self.threshold,
                 "error": None, "windows": windows}
 
     def score_file(self, path: str | Path) -> dict:
@@ -193,7 +218,8 @@ class DetectorScorer:
         self.model = self.detector.model
         self.sample_rate = int(features["sample_rate"])
         self.window_samples = model_window_samples(features, self.detector.input_shape_[2])
-        self.input_channels = int(self.detector.input_shape_[0])
+        self.input_channels = None if features["channels"] == "mean" else int(
+            self.detector.input_shape_[0])
         self.threshold = float(self.detector.threshold_.value_)
 
     def score_waveform(self, wave: np.ndarray, sample_rate: int, source: str | None = None

@@ -13,7 +13,8 @@ The exported graph holds everything from samples to verdict:
 
 Input ``waveform``: float32 ``(C, W)`` in [-1, 1] at the model's sample rate, ``W`` the
 model's window (:func:`stethoscope.edge.model_window_samples`), ``C`` the model's channels
-(the edge scorer picks them from a recording as the detector does). Outputs ``score``
+(the edge scorer picks them from a recording as the detector does; any number for a model
+that averages the log-mels of all channels, ``channels="mean"``). Outputs ``score``
 float32 ``(1,)`` and ``anomalous`` bool ``(1,)``. The file's metadata says everything the
 edge scorer needs (sample rate, window, channel choice, threshold).
 
@@ -147,8 +148,8 @@ def conv_factors(n_fft: int, hop: int) -> tuple[int, int] | None:
     return None if best is None else (n_fft // best, best)
 
 
-def add_power_factored(b: GraphBuilder, wave: str, channels: int, samples: int, n_fft: int,
-                       hop: int, factors: tuple[int, int]) -> tuple[str, int]:
+def add_power_factored(b: GraphBuilder, wave: str, samples: int, n_fft: int, hop: int,
+                       factors: tuple[int, int]) -> tuple[str, int]:
     """``|DFT|²`` of the centred Hann-windowed frames of ``wave`` ``(C, W)`` as
     ``(C, K, F)`` (K >= n_fft // 2 + 1 bins; those past Nyquist get no mel weight).
 
@@ -163,7 +164,7 @@ def add_power_factored(b: GraphBuilder, wave: str, channels: int, samples: int, 
     rows = -(-(samples + n_fft) // big_b)
     padded = b.op("Pad", wave, b.ints([0, n_fft // 2, 0, rows * big_b - samples - n_fft // 2],
                                       "pads"))
-    signal = b.transpose(b.reshape(padded, [channels, rows, big_b]), [0, 2, 1])  # (C, B, rows)
+    signal = b.transpose(b.reshape(padded, [-1, rows, big_b]), [0, 2, 1])  # (C, B, rows)
     a, col, k_a = np.arange(big_a), np.arange(big_b), np.arange(big_a)
     n = a[None, :] * big_b + col[:, None]  # (b, a) -> sample index in the frame
     angle = 2.0 * np.pi * k_a[None, :, None] * n[:, None, :] / n_fft  # (b, k_a, a)
@@ -175,7 +176,7 @@ def add_power_factored(b: GraphBuilder, wave: str, channels: int, samples: int, 
     if produced != frames:
         first = b.op("Slice", first, b.ints([0], "start"), b.ints([frames], "end"),
                      b.ints([2], "axis"))
-    first = b.reshape(first, [channels, 2 * big_b, big_a * frames])  # rows (b, re/im)
+    first = b.reshape(first, [-1, 2 * big_b, big_a * frames])  # rows (b, re/im)
     k_b = np.arange((n_fft // 2) // big_a + 1)  # second-stage bins up to Nyquist
     phase = -2.0 * np.pi * np.outer(k_b, col) / big_b  # (k_b, b)
     second = np.zeros((2, len(k_b), big_b, 2))
@@ -184,11 +185,11 @@ def add_power_factored(b: GraphBuilder, wave: str, channels: int, samples: int, 
     spectrum = b.op("MatMul", b.const(second.reshape(2 * len(k_b), 2 * big_b), "dft2"), first)
     re, im = b.op("Split", b.square(spectrum), axis=1, num_outputs=2, outputs=2)
     width = len(k_b) * big_a
-    return b.reshape(b.op("Add", re, im), [channels, width, frames]), width
+    return b.reshape(b.op("Add", re, im), [-1, width, frames]), width
 
 
-def add_power_direct(b: GraphBuilder, wave: str, channels: int, samples: int, n_fft: int,
-                     hop: int) -> tuple[str, int]:
+def add_power_direct(b: GraphBuilder, wave: str, samples: int, n_fft: int, hop: int
+                     ) -> tuple[str, int]:
     """``|DFT|²`` ``(C, bins, F)`` as one product of the frames (cut by slicing when hop
     divides n_fft, else by a gather) with windowed cos/sin matrices (any n_fft and hop)."""
     frames = 1 + samples // hop
@@ -196,7 +197,7 @@ def add_power_direct(b: GraphBuilder, wave: str, channels: int, samples: int, n_
         blocks = -(-(samples + n_fft) // hop)
         padded = b.op("Pad", wave, b.ints([0, n_fft // 2, 0, blocks * hop - samples - n_fft // 2],
                                           "pads"))
-        rows = b.reshape(padded, [channels, blocks, hop])
+        rows = b.reshape(padded, [-1, blocks, hop])
         runs = [b.op("Slice", rows, b.ints([r], "start"), b.ints([r + frames], "end"),
                      b.ints([1], "axis")) for r in range(n_fft // hop)]
         framed = b.op("Concat", *runs, axis=2)  # (C, F, n_fft)
@@ -230,8 +231,7 @@ def add_mel(b: GraphBuilder, power: str, bank: np.ndarray, width: int) -> str:
     return parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=1)
 
 
-def add_logmel(b: GraphBuilder, wave: str, channels: int, samples: int, features: dict
-               ) -> tuple[str, int]:
+def add_logmel(b: GraphBuilder, wave: str, samples: int, features: dict) -> tuple[str, int]:
     """Log-mel ``(C, M, F)`` of ``wave`` ``(C, W)`` with the conventions of
     :class:`stethoscope.features.LogMel` (librosa's): centred frames with zero padding,
     periodic Hann window, Slaney mel bank, ``10·log10(mel + eps)``. Returns it and F."""
@@ -241,9 +241,9 @@ def add_logmel(b: GraphBuilder, wave: str, channels: int, samples: int, features
     power, eps = float(features.get("power", 2.0)), float(features.get("eps", 1e-10))
     factors = conv_factors(n_fft, hop)
     if factors is not None:
-        spectrum, width = add_power_factored(b, wave, channels, samples, n_fft, hop, factors)
+        spectrum, width = add_power_factored(b, wave, samples, n_fft, hop, factors)
     else:
-        spectrum, width = add_power_direct(b, wave, channels, samples, n_fft, hop)
+        spectrum, width = add_power_direct(b, wave, samples, n_fft, hop)
     if power != 2.0:
         spectrum = b.op("Pow", spectrum, b.const(np.float32(power / 2.0), "power"))
     bank = mel_filter_bank(int(features["sample_rate"]), n_fft, n_mels,
@@ -613,9 +613,12 @@ def build_onnx(saved: SavedModel):
     channels, mels, frames = (int(s) for s in saved.config["input_shape"])
     samples = model_window_samples(features, frames)
     b = GraphBuilder()
-    wave = onnx.helper.make_tensor_value_info("waveform", onnx.TensorProto.FLOAT,
-                                              [channels, samples])
-    spec, count = add_logmel(b, "waveform", channels, samples, features)
+    averaged = features.get("channels", 0) == "mean"  # log-mels of every channel, averaged
+    wave = onnx.helper.make_tensor_value_info(
+        "waveform", onnx.TensorProto.FLOAT, ["channels" if averaged else channels, samples])
+    spec, count = add_logmel(b, "waveform", samples, features)
+    if averaged:
+        spec = b.mean(spec, [0], keepdims=1)
     crop = features.get("frames")
     if crop is not None and count > crop:
         spec = b.op("Slice", spec, b.ints([0], "start"), b.ints([crop], "end"),
@@ -659,10 +662,11 @@ def _metadata(saved: SavedModel, samples: int) -> dict:
         "window_samples": int(samples),
         "window_hop_samples": _hop_samples(features, samples),
         "channels": features.get("channels", 0),
-        "input_channels": int(saved.config["input_shape"][0]),
+        "input_channels": None if features.get("channels", 0) == "mean" else int(
+            saved.config["input_shape"][0]),
         "threshold": float(saved.config["threshold"]["value_"]),
         "pooling": saved.config.get("pooling"),
-        "window_pooling": "max",
+        "window_pooling": saved.config.get("window_pooling") or "max",
         "features": features,
     }
 
@@ -735,7 +739,7 @@ def check_export(model_folder: str | Path, onnx_file: str | Path, seed: int = 0
     det = Detector.load(model_folder, device="cpu", progress=False)
     scorer = EdgeScorer(onnx_file)
     rng = np.random.default_rng(seed)
-    wave = (0.05 * rng.standard_normal((scorer.input_channels, scorer.window_samples))
+    wave = (0.05 * rng.standard_normal((scorer.input_channels or 2, scorer.window_samples))
             ).astype(np.float32)
     reference = det.score_waveform(wave, scorer.sample_rate).score
     return float(reference), float(scorer.score_window(wave)[0])

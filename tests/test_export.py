@@ -198,3 +198,23 @@ def test_edge_scorer_rejects_what_it_cannot_score(models, tmp_path):
     not_ours.write_bytes(b"\x08\x07")
     with pytest.raises(ModelFileError):
         EdgeScorer(not_ours)
+
+
+@pytest.mark.parametrize("channels", ["mean", "all"])
+def test_multichannel_models_export(channels, tmp_path_factory):
+    """``mean`` averages every channel's log-mel inside the graph (any channel count);
+    ``all`` feeds each channel to the model."""
+    from stethoscope.simulate import simulate_dataset
+
+    root = Path(simulate_dataset("fan", 6, 1, tmp_path_factory.mktemp("fan"), channels=2,
+                                 duration=4.0, seed=1, progress=False))
+    normal = sorted(root.rglob("normal/*.wav"))
+    folder = tmp_path_factory.mktemp("mc") / "model"
+    Detector(features={"channels": channels}, progress=False).fit(normal[:5]).save(folder)
+    det = Detector.load(folder, device="cpu", progress=False)
+    scorer = EdgeScorer(export_onnx(folder, folder.with_suffix(".onnx")))
+    assert scorer.input_channels == (None if channels == "mean" else 2)
+    for path in [normal[5], *root.rglob("abnormal/*.wav")]:
+        expected = det.score_recordings([path])[0]
+        got = scorer.score_file(path)
+        assert got["score"] == pytest.approx(expected.score, rel=RELATIVE_TOLERANCE)
