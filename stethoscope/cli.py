@@ -320,12 +320,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     features: dict[str, Any] = {"resample": True} if args.resample else {}
     if args.channels is not None:
         features["channels"] = args.channels
-    det = Detector(model, features=features, threshold=args.threshold,
-                   pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, seed=args.seed, device=args.device, precision=args.precision,
-                   cache_dir=args.cache)
-    det.fit(args.data)
-    det.save(args.out)
+    from stethoscope import distributed
+
+    # Under torchrun (its environment variables set) this process is one rank of DDP
+    # training on cuda:LOCAL_RANK or the CPU, and rank 0 alone saves and prints; else rank
+    # is None and training runs here alone (stethoscope.distributed).
+    with distributed.process_group(args.device) as rank:
+        det = Detector(model, features=features, threshold=args.threshold,
+                       pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, device=rank.device if rank else args.device,
+                       precision=args.precision, cache_dir=args.cache,
+                       progress=False if rank and not rank.is_main else None)
+        det.fit(args.data)
+        if rank is not None and not rank.is_main:
+            return EXIT_OK
+        det.save(args.out)
     if args.json:
         _print_json({"model": det.model, "out": args.out, "clips": int(det.train_scores_.size),
                      "threshold": _threshold_json(det.threshold_),
@@ -793,6 +802,118 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"check: one test window scores {reference:.7g} in PyTorch and {exported:.7g} "
               f"in onnxruntime (difference {abs(reference - exported):.2g})")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- fleet
+def _fleet_common(p: argparse.ArgumentParser) -> None:
+    """The tree to work on and the engine to run on (dask is imported only when chosen)."""
+    p.add_argument("root", type=Path,
+                   help="MIMII tree (<type>/id_XX/{normal,abnormal}/*.wav) or DCASE tree "
+                        "(<type>/{train,test}/section_XX_*.wav)")
+    p.add_argument("--engine", default="local", choices=["local", "dask"],
+                   help="local: a process pool here; dask: a Dask LocalCluster, or the "
+                        "scheduler at --address")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="worker processes (default: one per usable core, at most one per "
+                        "machine)")
+    p.add_argument("--address", default=None,
+                   help="Dask scheduler of a running cluster, e.g. tcp://10.0.0.5:8786; its "
+                        "workers must see the recordings under the same paths (default: a "
+                        "new LocalCluster)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch/BLAS threads per worker")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, in the workers")
+    _json_option(p)
+    _global_options(p, top=False)
+
+
+def _fleet_arguments(p: argparse.ArgumentParser) -> None:
+    fsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = fsub.add_parser("train", help="train one model per machine: MODELS/<machine>/",
+                        description="train one model per machine: MODELS/<machine>/ "
+                                    "(the layout `serve --models` reads)")
+    _fleet_common(t)
+    t.add_argument("--out", type=Path, required=True, metavar="MODELS",
+                   help="folder of model folders, one per machine")
+    t.add_argument("--model", default=None, help="model name (default: the default model)")
+    t.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (default: the model's)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (same seed, same models)")
+    _threshold_option(t, "mean+2std")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="training precision")
+    _force_option(t, "machine model folders")
+    s = fsub.add_parser("score", help="score every machine's test recordings into one table",
+                        description="score every machine's test recordings with its model "
+                                    "into one table (CSV or Parquet)")
+    _fleet_common(s)
+    s.add_argument("--models", type=Path, required=True,
+                   help="folder of model folders written by `fleet train`")
+    s.add_argument("--out", type=Path, required=True,
+                   help="score table to write: .csv or .parquet, one row per recording")
+    _force_option(s, "score table")
+
+
+@command("fleet", "train or score one model per machine of a MIMII/DCASE tree, in parallel",
+         _fleet_arguments)
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from stethoscope import fleet
+
+    found = fleet.find_machines(args.root)
+    if found.ignored:
+        _say(f"ignoring {len(found.ignored)} recording(s) under {args.root} whose path names "
+             f"no machine (first: {found.ignored[0]})")
+    _say(f"{len(found.machines)} machine(s) under {args.root}, engine {args.engine}")
+    options = {"engine": args.engine, "workers": args.workers, "address": args.address,
+               "threads": args.threads, "force": args.force}
+    if args.action == "train":
+        return _fleet_train(args, found, options)
+    return _fleet_score(args, found, options)
+
+
+def _fleet_train(args: argparse.Namespace, found, options: dict) -> int:
+    from stethoscope import fleet
+
+    settings = {"model": _check_model_name(args.model), "epochs": args.epochs,
+                "seed": args.seed, "threshold": args.threshold, "device": args.device,
+                "precision": args.precision}
+    _threshold_rule(args.threshold)
+    _resolve_device(args.device)
+    results = fleet.train_fleet(found, args.out, settings=settings, **options)
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        _print_json({"models": args.out, "engine": args.engine,
+                     "machines": [r.summary() for r in results],
+                     "failed": [r.machine for r in failed]})
+    else:
+        print(fleet.format_train_table(results))
+        print(f"{len(results) - len(failed)} of {len(results)} machine models written "
+              f"under {args.out}")
+    for r in failed:
+        print(_error_line(f"{r.machine}: {r.error}"), file=sys.stderr)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _fleet_score(args: argparse.Namespace, found, options: dict) -> int:
+    from stethoscope import fleet
+
+    _resolve_device(args.device)
+    rows, results = fleet.score_fleet(found, args.models, args.out, device=args.device,
+                                      **options)
+    failed = [r for r in results if not r.ok]
+    unscored = [row for r in results if r.ok for row in r.rows if row["error"] is not None]
+    if args.json:
+        _print_json({"table": args.out, "recordings": len(rows),
+                     "machines": [r.summary() for r in results],
+                     "failed": [r.machine for r in failed]})
+    else:
+        print(fleet.format_score_table(results))
+        print(f"scores of {len(rows)} recording(s) written to {args.out}")
+    for r in failed:
+        print(_error_line(f"{r.machine}: {r.error}"), file=sys.stderr)
+    for row in unscored:
+        print(_error_line(f"{row['machine']}: {row['error']}"), file=sys.stderr)
+    return EXIT_ERROR if failed or unscored else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- main
