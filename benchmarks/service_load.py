@@ -298,8 +298,9 @@ def load_and_fault(name: str, db_url: str, models: Path, machines: list[str],
 # ----------------------------------------------------------------------------- dashboard
 def seed_history(db_url: str, machines: list[str], threshold: float, version: str,
                  per_minute: int = 1) -> int:
-    """A day of history for each machine: ``per_minute`` results a minute, a few anomalous
-    (with their alerts), written through the store's own commit path in big batches."""
+    """A day of history for each machine: ``per_minute`` results a minute, normal scores
+    around 40 % of the threshold, and an anomalous episode in the last hour on every tenth
+    machine (so a few alerts are open), written through the store's own commit path."""
     import numpy as np
 
     from stethoscope.service.store import NewRecording, Store
@@ -309,9 +310,12 @@ def seed_history(db_url: str, machines: list[str], threshold: float, version: st
     now = int(time.time() * 1000)
     start = now - 86_400_000
     total = 0
-    for machine in machines:
+    for index, machine in enumerate(machines):
         times = np.arange(start, now, 60_000 // per_minute)
-        scores = rng.gamma(4.0, threshold / 8, len(times))
+        scores = np.abs(rng.normal(0.4 * threshold, 0.1 * threshold, len(times)))
+        if index % 10 == 3:
+            episode = times > now - 3_600_000
+            scores[episode] += rng.uniform(0.5, 1.2, int(episode.sum())) * threshold
         items = [NewRecording(machine=machine, received_ms=int(t), score=float(s),
                               threshold=threshold, anomalous=bool(s > threshold),
                               windows=[{"start_s": 0.0, "end_s": 10.0, "score": float(s),
@@ -431,7 +435,7 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
                   f"{'✓' if paint['fcp_ms'] <= 1000 else '✗'}.", ""]
     lines += [f"Load on the machine during the run: {load}.", "",
               machine_line(), "",
-              f"Command: `{shown_command('benchmarks/service_load.py', args.argv)}`"]
+              f"Command: `{shown_command('service_load.py', args.argv)}`"]
     return "\n".join(lines)
 
 

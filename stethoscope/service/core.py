@@ -76,6 +76,8 @@ class Service:
                                   int(settings.audio_max_mb * 1024 * 1024))
         self.writer = CommitQueue(self.store, max_batch=settings.commit_batch,
                                   on_commit=self._after_commit, on_batch=self._observe_batch)
+        # one scoring thread: the log-mel front end already spreads one clip over the
+        # cores and serialises its calls, so more threads only queue (measured: no gain)
         self.scoring = ThreadPoolExecutor(1, thread_name_prefix="stethoscope-score")
         self._sweeper: asyncio.Task | None = None
         self._lifespans = 0
