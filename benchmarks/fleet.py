@@ -1,0 +1,370 @@
+"""Fleet throughput: train and score one model per machine of a simulated plant with 1 and 2
+workers, on the local process pool and on a Dask LocalCluster, plus the per-recording costs
+that docs/scale.md sizes large fleets from (decode, features, scoring, a database write).
+
+    python benchmarks/fleet.py                        # 16 machines, 3 rounds
+    python benchmarks/fleet.py --machines 32 --rounds 5
+    python benchmarks/fleet.py --quick                # smoke run: 4 machines, 1 round
+
+Every configuration gets its engine opened once and warmed up (workers started, torch
+imported), so that rounds time the work; start-up is reported apart. Rounds alternate the
+configurations (local 1, local 2, dask 1, dask 2, local 1, ...), the figure is the median
+round, and the speed-up is 1 worker's median time over 2 workers'. Each worker runs one job
+at a time with one torch and one BLAS thread (``stethoscope.fleet.pin_threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    REPO,
+    add_common_arguments,
+    ensure_repo_on_path,
+    logger,
+    machine_line,
+    markdown_table,
+    median,
+    package_version,
+    shown_command,
+    update_doc_section,
+    usable_cores,
+)
+
+ensure_repo_on_path()
+
+from stethoscope import fleet  # noqa: E402
+
+SECTION = "fleet"
+DOC = REPO / "docs" / "scale.md"
+TYPES = ("fan", "pump", "slider", "valve")
+TARGET_SPEEDUP = 1.7
+
+
+def _warm(job: fleet.TrainJob) -> int:
+    """One small training job (every import and first-call cost of a real one), then hold
+    the worker a moment so that each worker of the engine gets a warm-up job; returns the
+    worker's pid."""
+    result = fleet.train_machine(job)
+    if not result.ok:
+        raise RuntimeError(result.error)
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def simulate_plant(root: Path, machines: int, normal: int, abnormal: int, seconds: float,
+                   log) -> fleet.Fleet:
+    """``machines`` simulated machines (types in turn, ids 00, 02, ...) under ``root``;
+    reused when already there."""
+    from stethoscope.simulate import simulate_dataset
+
+    for i in range(machines):
+        machine, machine_id = TYPES[i % len(TYPES)], f"id_{2 * (i // len(TYPES)):02d}"
+        folder = root / machine / machine_id
+        if (folder / "faults.csv").exists():
+            continue
+        log(f"simulating {machine} {machine_id}: {normal} normal + {abnormal} abnormal "
+            f"clips of {seconds:g} s")
+        simulate_dataset(machine, normal, abnormal, root, machine_id=machine_id, seed=i,
+                         duration=seconds, progress=False)
+    return fleet.find_machines(root)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def open_configs(names: list[str], plant: fleet.Fleet, settings: dict, log
+                 ) -> dict[str, tuple[object, float]]:
+    """Every configuration's engine, opened and warmed: name → (engine, start-up seconds)."""
+    opened = {}
+    sample = plant.machines[0]
+    for name in names:
+        engine_name, workers = name.rsplit(" ", 1)
+        start = time.perf_counter()
+        engine = fleet.open_engine(engine_name, int(workers)).__enter__()
+        warm = [fleet.TrainJob(f"warm-{i}", tuple(map(str, sample.train)),
+                               tuple(map(str, sample.held_out_normal)), settings)
+                for i in range(int(workers))]
+        pids = {pid for _, pid in engine.run(_warm, warm)}
+        seconds = time.perf_counter() - start
+        log(f"{name}: started and warmed in {seconds:.1f} s ({len(pids)} worker process(es) "
+            "took the warm-up jobs)")
+        opened[name] = (engine, seconds)
+    return opened
+
+
+def fleet_round(engine, plant: fleet.Fleet, models: Path, settings: dict) -> dict[str, float]:
+    """One training and one scoring pass over the whole plant; seconds of each."""
+    start = time.perf_counter()
+    results = fleet.train_fleet(plant, models, settings=settings, engine=engine, force=True,
+                                progress=False)
+    train_s = time.perf_counter() - start
+    failed = [r.machine for r in results if not r.ok]
+    if failed:
+        raise SystemExit(f"training failed for {', '.join(failed)}: {results[0].error}")
+    start = time.perf_counter()
+    rows, _ = fleet.score_fleet(plant, models, None, engine=engine, progress=False)
+    score_s = time.perf_counter() - start
+    if any(r["error"] for r in rows):
+        raise SystemExit(f"scoring failed: {next(r['error'] for r in rows if r['error'])}")
+    return {"train": train_s, "score": score_s}
+
+
+def descendant_peak_rss_mb() -> float:
+    """Largest peak RSS (VmHWM) of this process's descendants: the worker processes."""
+    peak, todo, seen = 0.0, [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                todo += [int(c) for c in text.split()]
+            if pid != os.getpid():
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            continue
+    return peak
+
+
+# ----------------------------------------------------------------------------- per clip
+
+
+def per_clip_costs(plant: fleet.Fleet, models: Path, repeats: int, postgres: str | None,
+                   log) -> list[list[str]]:
+    """Single-threaded cost of each step one recording goes through, median of ``repeats``."""
+    import soundfile as sf
+    import torch
+
+    from stethoscope import Detector
+    from stethoscope.audio import read_wav
+    from stethoscope.features import logmel
+
+    torch.set_num_threads(1)
+    machine = plant.machines[0]
+    path = machine.test[0]
+    det = Detector.load(models / machine.name, device="cpu", progress=False)
+    cfg = det.feature_config_
+    wave, sr = read_wav(path)
+    spec = logmel(wave, cfg)[None]
+    steps = {
+        "read + decode the WAV (soundfile)": lambda: sf.read(path, dtype="float32"),
+        "read_wav (decode, checks, channel choice)": lambda: read_wav(path),
+        "log-mel features": lambda: logmel(wave, cfg),
+        "model scoring (features in hand)": lambda: det.score_features(spec),
+        "score_waveform (features + scoring)": lambda: det.score_waveform(wave[0], sr),
+        "score_recordings, one path (all of it)": lambda: det.score_recordings([path]),
+    }
+    batch = [p for m in plant.machines for p in m.test][:16]  # distinct paths
+    per_recording = {f"score_recordings, {len(batch)} paths, per recording":
+                     lambda: det.score_recordings(batch)}
+    rows = []
+    for name, step in steps.items():
+        step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        rows.append([name, f"{1000 * median(times):.2f}"])
+        log(f"per clip: {name}: {1000 * median(times):.2f} ms")
+    for name, step in per_recording.items():
+        step()
+        times = [_seconds(step) / len(batch) for _ in range(max(3, repeats // 8))]
+        rows.append([name, f"{1000 * median(times):.2f}"])
+        log(f"per clip: {name}: {1000 * median(times):.2f} ms")
+    rows += database_costs(postgres, repeats, log)
+    size = sum(f.stat().st_size for f in (models / machine.name).iterdir())
+    rows.append([f"model folder on disk ({det.model})", f"{size / 1024:.0f} KiB"])
+    rows.append(["one 10 s 16 kHz 16-bit mono WAV", f"{Path(path).stat().st_size / 1024:.0f} KiB"])
+    return rows
+
+
+def _seconds(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def database_costs(postgres: str | None, repeats: int, log) -> list[list[str]]:
+    """Storing scored recordings through the service's store (stethoscope.service.store):
+    one per transaction, and 100 per transaction (its group commit)."""
+    try:
+        from stethoscope.service.store import NewRecording, Store
+    except ImportError as error:
+        return [["database write", f"n/a (service extra missing: {error})"]]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stethoscope-bench-db-") as tmp:
+        urls = {"SQLite": f"sqlite:///{tmp}/bench.db"}
+        if postgres:
+            urls["PostgreSQL"] = postgres
+        for label, url in urls.items():
+            try:
+                store = Store(url)
+            except Exception as error:  # noqa: BLE001 -- report, do not stop the benchmark
+                rows.append([f"{label} write", f"n/a ({type(error).__name__})"])
+                continue
+            try:
+                for batch in (1, 100):
+                    times = []
+                    for r in range(max(3, repeats // 4)):
+                        items = [NewRecording(machine=f"bench-{r % 7}",
+                                              received_ms=int(time.time() * 1000) + i,
+                                              score=1.0 + i, threshold=5.0, anomalous=False,
+                                              windows=[], duration_s=10.0, model_version="b")
+                                 for i in range(batch)]
+                        start = time.perf_counter()
+                        store.commit_recordings(items)
+                        times.append((time.perf_counter() - start) / batch)
+                    rows.append([f"{label} write, {batch} recording(s) per transaction",
+                                 f"{1000 * median(times):.2f}"])
+                    log(f"per clip: {label} batch {batch}: {1000 * median(times):.2f} ms")
+            except Exception as error:  # noqa: BLE001
+                rows.append([f"{label} write", f"n/a ({type(error).__name__}: {error})"[:120]])
+            finally:
+                store.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_rows,
+           peak_rss: float, args) -> str:
+    n_train = sum(len(m.train) for m in plant.machines)
+    n_held = sum(len(m.held_out_normal) for m in plant.machines)
+    n_test = sum(len(m.test) for m in plant.machines)
+    rows = []
+    for name in opened:
+        engine_name = name.rsplit(" ", 1)[0]
+        one = rounds.get(f"{engine_name} 1")
+        for phase, clips in (("train", n_train + n_held), ("score", n_test)):
+            seconds = median([r[phase] for r in rounds[name]])
+            spread = (min(r[phase] for r in rounds[name]), max(r[phase] for r in rounds[name]))
+            speedup = efficiency = verdict = ""
+            if one is not None and not name.endswith(" 1"):
+                t1 = median([r[phase] for r in one])
+                workers = int(name.rsplit(" ", 1)[1])
+                speedup = f"{t1 / seconds:.2f}×"
+                efficiency = f"{t1 / seconds / workers:.0%}"
+                verdict = f"≥ {TARGET_SPEEDUP}× {'✓' if t1 / seconds >= TARGET_SPEEDUP else '✗'}"
+            rows.append([name, phase, f"{seconds:.2f} ({spread[0]:.2f}-{spread[1]:.2f})",
+                         f"{clips / seconds:.1f}", speedup, efficiency, verdict,
+                         f"{opened[name][1]:.1f}" if phase == "train" else ""])
+    table = markdown_table(["engine, workers", "work", "wall s (min-max)", "clips/s",
+                            "speed-up vs 1 worker", "efficiency", "target", "start-up s"],
+                           rows)
+    clip_table = markdown_table(["step, one 10 s recording, 1 thread", "ms (or size)"],
+                                clip_rows)
+    model = settings.get("model") or "clip-stats (default)"
+    load = os.getloadavg()
+    lines = [
+        "## Measured: fleet throughput on this machine",
+        "",
+        machine_line({"dask": package_version("distributed")}),
+        "",
+        f"{len(plant.machines)} simulated machines ({', '.join(TYPES)}), {args.normal} normal + "
+        f"{args.abnormal} abnormal clips of {args.seconds:g} s each: per machine "
+        f"{len(plant.machines[0].train)} train, {len(plant.machines[0].test)} scored. Model "
+        f"{model}{', ' + str(settings['epochs']) + ' epochs' if settings.get('epochs') else ''}."
+        f" Training clips/s counts the {n_train} training clips and the {n_held} held-out "
+        f"normal clips each job scores for its false-alarm rate; scoring counts the {n_test} "
+        f"test clips. Median of {args.rounds} alternating rounds; engines opened and warmed "
+        "first (start-up column: opening plus one warm-up job per worker). Peak RSS of one "
+        f"worker process: {peak_rss:.0f} MB. Load average when the run ended: "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {usable_cores()} cores "
+        "(other work on the machine shows up here).",
+        "",
+        table,
+        "",
+        "### Per-recording costs",
+        "",
+        f"Median of {args.clip_repeats} calls after one warm-up, one thread, in the driver "
+        "process. Database writes go through the service's store "
+        "(`stethoscope.service.store.Store.commit_recordings`), per recording.",
+        "",
+        clip_table,
+        "",
+        f"Command: `{shown_command('fleet.py', args.argv)}`",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--machines", type=int, default=16, help="machines (default 16)")
+    parser.add_argument("--normal", type=int, default=10, help="normal clips per machine")
+    parser.add_argument("--abnormal", type=int, default=2, help="abnormal clips per machine")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--engines", default="local,dask", help="local and/or dask")
+    parser.add_argument("--model", default=None, help="model (default: the default model)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of trained models")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="keep the simulated plant here and reuse it (default: temporary)")
+    parser.add_argument("--clip-repeats", type=int, default=50,
+                        help="calls per per-recording step (default 50)")
+    parser.add_argument("--postgres", default=os.environ.get("STETHOSCOPE_TEST_POSTGRES"),
+                        help="PostgreSQL URL for the database write (default: "
+                             "$STETHOSCOPE_TEST_POSTGRES; SQLite is always measured)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 machines, 1 round")
+    add_common_arguments(parser)
+    parser.set_defaults(doc=DOC)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.machines, args.rounds, args.clip_repeats = min(args.machines, 4), 1, 10
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = logger(args.quiet)
+    os.environ.setdefault("STETHOSCOPE_PROGRESS", "0")
+    with tempfile.TemporaryDirectory(prefix="stethoscope-bench-fleet-") as tmp:
+        root = args.data or Path(tmp) / "plant"
+        plant = simulate_plant(root, args.machines, args.normal, args.abnormal, args.seconds,
+                               log)
+        settings = {k: v for k, v in (("model", args.model), ("epochs", args.epochs))
+                    if v is not None}
+        names = [f"{e} {w}" for e in args.engines for w in (1, 2)]
+        opened = open_configs(names, plant, settings, log)
+        rounds: dict[str, list[dict]] = {name: [] for name in names}
+        try:
+            for r in range(args.rounds):
+                for name, (engine, _) in opened.items():
+                    rounds[name].append(fleet_round(engine, plant, Path(tmp) / "models" /
+                                                    name.replace(" ", "-"), settings))
+                    log(f"round {r + 1}/{args.rounds} {name}: train "
+                        f"{rounds[name][-1]['train']:.2f} s, score "
+                        f"{rounds[name][-1]['score']:.2f} s")
+            peak_rss = descendant_peak_rss_mb()
+        finally:
+            for engine, _ in opened.values():
+                engine.__exit__(None, None, None)
+        clip_rows = per_clip_costs(plant, Path(tmp) / "models" / names[0].replace(" ", "-"),
+                                   args.clip_repeats, args.postgres, log)
+        text = report(plant, settings, opened, rounds, clip_rows, peak_rss, args)
+    print(text)
+    print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+          file=sys.stderr)
+    if not args.no_doc:
+        path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
+        print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
