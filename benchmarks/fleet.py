@@ -206,8 +206,9 @@ def database_costs(postgres: str | None, repeats: int, log) -> list[list[str]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="stethoscope-bench-db-") as tmp:
         urls = {"SQLite": f"sqlite:///{tmp}/bench.db"}
-        if postgres:
-            urls["PostgreSQL"] = postgres
+        schema = f"stethoscope_bench_fleet_{os.getpid()}"
+        if postgres:  # a schema of its own, dropped afterwards: the tests' tables stay as they are
+            urls["PostgreSQL"] = _private_schema(postgres, schema)
         for label, url in urls.items():
             try:
                 store = Store(url)
@@ -233,7 +234,30 @@ def database_costs(postgres: str | None, repeats: int, log) -> list[list[str]]:
                 rows.append([f"{label} write", f"n/a ({type(error).__name__}: {error})"[:120]])
             finally:
                 store.close()
+        if postgres:
+            _drop_schema(postgres, schema)
     return rows
+
+
+def _plain_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _private_schema(url: str, schema: str) -> str:
+    """Create ``schema`` and return ``url`` with it as the search path."""
+    import psycopg
+
+    with psycopg.connect(_plain_url(url), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    joiner = "&" if "?" in url else "?"
+    return f"{url}{joiner}options=-csearch_path%3D{schema}"
+
+
+def _drop_schema(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(_plain_url(url), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 # ----------------------------------------------------------------------------- report
