@@ -150,14 +150,16 @@ def conv_factors(n_fft: int, hop: int) -> tuple[int, int] | None:
 
 def add_power_factored(b: GraphBuilder, wave: str, samples: int, n_fft: int, hop: int,
                        factors: tuple[int, int]) -> tuple[str, int]:
-    """``|DFT|²`` of the centred Hann-windowed frames of ``wave`` ``(C, W)`` as
-    ``(C, K, F)`` (K >= n_fft // 2 + 1 bins; those past Nyquist get no mel weight).
+    """``|DFT|²`` ``(C, n_fft // 2 + 1, F)`` of the centred Hann-windowed frames of ``wave``
+    ``(C, W)``.
 
-    Cooley-Tukey with ``n = a·B + b``: the first stage (an A-point DFT over a for every b,
-    times the twiddle, with the window) is one grouped convolution over the signal cut into
-    rows of B samples, stride hop / B: framing, window, first stage and twiddles in one op.
-    The second stage (a B-point DFT over b, the same for every first-stage bin) is one
-    matrix product. Bin ``k = k_a + A·k_b`` lands at row ``k_b·A + k_a``: no transposes."""
+    Cooley-Tukey with ``n = a·B + b`` and ``k = k_a + A·k_b``: the first stage (an A-point
+    DFT over a for every b, times the twiddle, with the window) is one grouped convolution
+    over the signal cut into rows of B samples, stride hop / B: framing, window, first stage
+    and twiddles in one op. The second stage (a B-point DFT over b, the same for every k_a)
+    is one matrix product. The input is real, so ``X[N - k] = conj(X[k])``: the first stage
+    computes only ``k_a <= A / 2`` (half the work) and the bins with a larger k_a are read
+    at their mirror ``N - k``. No transposes; one row gather puts the bins in order."""
     big_a, big_b = factors
     frames = 1 + samples // hop
     stride = hop // big_b
@@ -165,27 +167,33 @@ def add_power_factored(b: GraphBuilder, wave: str, samples: int, n_fft: int, hop
     padded = b.op("Pad", wave, b.ints([0, n_fft // 2, 0, rows * big_b - samples - n_fft // 2],
                                       "pads"))
     signal = b.transpose(b.reshape(padded, [-1, rows, big_b]), [0, 2, 1])  # (C, B, rows)
-    a, col, k_a = np.arange(big_a), np.arange(big_b), np.arange(big_a)
+    k_a = np.arange(big_a // 2 + 1 if big_a % 2 == 0 else big_a)
+    a, col = np.arange(big_a), np.arange(big_b)
     n = a[None, :] * big_b + col[:, None]  # (b, a) -> sample index in the frame
     angle = 2.0 * np.pi * k_a[None, :, None] * n[:, None, :] / n_fft  # (b, k_a, a)
     window = hann_window(n_fft)[n][:, None, None, :]
     kernel = np.stack([np.cos(angle), -np.sin(angle)], 1) * window  # (b, re/im, k_a, a)
-    first = b.op("Conv", signal, b.const(kernel.reshape(big_b * 2 * big_a, 1, big_a), "dft1"),
-                 group=big_b, kernel_shape=[big_a], strides=[stride])  # (C, B·2·A, F')
+    first = b.op("Conv", signal,
+                 b.const(kernel.reshape(big_b * 2 * len(k_a), 1, big_a), "dft1"),
+                 group=big_b, kernel_shape=[big_a], strides=[stride])  # (C, B·2·|k_a|, F')
     produced = (rows - big_a) // stride + 1
     if produced != frames:
         first = b.op("Slice", first, b.ints([0], "start"), b.ints([frames], "end"),
                      b.ints([2], "axis"))
-    first = b.reshape(first, [-1, 2 * big_b, big_a * frames])  # rows (b, re/im)
-    k_b = np.arange((n_fft // 2) // big_a + 1)  # second-stage bins up to Nyquist
+    first = b.reshape(first, [-1, 2 * big_b, len(k_a) * frames])  # rows (b, re/im)
+    k_b = np.arange(big_b)
     phase = -2.0 * np.pi * np.outer(k_b, col) / big_b  # (k_b, b)
-    second = np.zeros((2, len(k_b), big_b, 2))
+    second = np.zeros((2, big_b, big_b, 2))
     second[0, :, :, 0], second[0, :, :, 1] = np.cos(phase), -np.sin(phase)  # real part
     second[1, :, :, 0], second[1, :, :, 1] = np.sin(phase), np.cos(phase)  # imaginary part
-    spectrum = b.op("MatMul", b.const(second.reshape(2 * len(k_b), 2 * big_b), "dft2"), first)
+    spectrum = b.op("MatMul", b.const(second.reshape(2 * big_b, 2 * big_b), "dft2"), first)
     re, im = b.op("Split", b.square(spectrum), axis=1, num_outputs=2, outputs=2)
-    width = len(k_b) * big_a
-    return b.reshape(b.op("Add", re, im), [-1, width, frames]), width
+    power = b.reshape(b.op("Add", re, im), [-1, big_b * len(k_a), frames])  # (k_b, k_a) rows
+    bins = np.arange(n_fft // 2 + 1)
+    mirrored = bins % big_a >= len(k_a)
+    source = np.where(mirrored, n_fft - bins, bins)  # |X[k]|² = |X[N - k]|²
+    cells = (source // big_a) * len(k_a) + source % big_a
+    return b.gather(power, cells, axis=1), len(bins)
 
 
 def add_power_direct(b: GraphBuilder, wave: str, samples: int, n_fft: int, hop: int
