@@ -107,20 +107,32 @@ def test_edge_scores_whole_files_like_the_detector(models, valve):
         assert len(got["windows"]) == len(expected.windows)
 
 
-def test_edge_scorer_imports_no_torch(models, valve):
-    """The edge scorer runs where only onnxruntime, NumPy and soundfile are installed."""
+def test_edge_scorer_imports_no_torch(models, valve, tmp_path):
+    """The edge scorer runs where only onnxruntime, NumPy and soundfile are installed; so do
+    `stream` and `watch` given an ONNX model."""
     det, onnx_file = models["clip-stats"]
     path = valve["test"][0]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(path, inbox / path.name)
     code = (
-        "import json, sys\n"
+        "import io, json, sys\n"
         "from stethoscope.edge import EdgeScorer\n"
         f"result = EdgeScorer({str(onnx_file)!r}).score_file({str(path)!r})\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'torch' not in sys.modules, 'torch was imported by the edge scorer'\n"
+        "from stethoscope.cli import main\n"
+        f"assert main(['watch', {str(inbox)!r}, '--model', {str(onnx_file)!r}, '--out', "
+        f"{str(tmp_path / 'out.jsonl')!r}, '--once', '--settle', '0', '--poll']) == 0\n"
+        "sys.stdin = io.TextIOWrapper(io.BytesIO(bytes(640000)))\n"
+        f"assert main(['stream', '--model', {str(onnx_file)!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported by watch or stream'\n"
         "print(json.dumps(result))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 + 1 + 2  # watch's result, stream's two windows, the edge result
+    result = json.loads(lines[-1])
     expected = det.score_recordings([path])[0]
     assert result["score"] == pytest.approx(expected.score, rel=RELATIVE_TOLERANCE)
 
