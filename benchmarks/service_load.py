@@ -190,9 +190,17 @@ class Client(threading.Thread):
             time.sleep(0.05)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (all its threads) so far; this one by default."""
+    if pid is None:
+        return sum(os.times()[:2])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(url: str, tokens: list[str], machines: list[str], clips: list[bytes],
              seconds: float, *, kill_after: float | None = None, restart=None,
-             warmup: float = 2.0) -> dict:
+             warmup: float = 2.0, server_pid: int | None = None) -> dict:
     """Load for ``seconds``; with ``kill_after``, ``restart()`` is called that far in (it
     kills and restarts the server and returns the new URL)."""
     tally = Tally()
@@ -207,6 +215,8 @@ def run_load(url: str, tokens: list[str], machines: list[str], clips: list[bytes
         tally.latencies.clear()
         base = len(tally.acked)
     start = time.perf_counter()
+    cpu_server = cpu_seconds(server_pid) if server_pid else None
+    cpu_clients = cpu_seconds()
     if kill_after is not None:
         time.sleep(kill_after)
         new_url = restart()
@@ -218,6 +228,10 @@ def run_load(url: str, tokens: list[str], machines: list[str], clips: list[bytes
     with tally.lock:
         measured = len(tally.acked) - base
     elapsed = time.perf_counter() - start
+    cpu = {"server_ms": float("nan"), "clients_ms": float("nan")}
+    if cpu_server is not None and measured:
+        cpu["server_ms"] = 1000 * (cpu_seconds(server_pid) - cpu_server) / measured
+        cpu["clients_ms"] = 1000 * (cpu_seconds() - cpu_clients) / measured
     stop.set()
     for c in clients:
         c.join(timeout=150)
@@ -225,7 +239,7 @@ def run_load(url: str, tokens: list[str], machines: list[str], clips: list[bytes
     return {"tally": tally, "clips_per_s": measured / elapsed, "seconds": elapsed,
             "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
             "p99_ms": 1000 * percentile(lat, 99) if lat else float("nan"),
-            "acked": len(tally.acked), "errors": dict(tally.errors)}
+            "acked": len(tally.acked), "errors": dict(tally.errors), **cpu}
 
 
 def audit(db_url: str, acked: dict[str, tuple[int, float]]) -> dict:
@@ -265,12 +279,14 @@ def load_and_fault(name: str, db_url: str, models: Path, machines: list[str],
         f"{args.clients} clients × {args.seconds:g} s")
     rows = []
     try:
-        sustained = run_load(server.url, tokens, machines, clips, args.seconds)
+        sustained = run_load(server.url, tokens, machines, clips, args.seconds,
+                             server_pid=server.pid)
         sustained.update(audit(db_url, sustained["tally"].acked), phase="sustained",
                          store=name)
         rows.append(sustained)
         say(f"  {sustained['clips_per_s']:.1f} clips/s, p50 {sustained['p50_ms']:.1f} ms, "
-            f"p99 {sustained['p99_ms']:.1f} ms, errors {sustained['errors']}")
+            f"p99 {sustained['p99_ms']:.1f} ms, errors {sustained['errors']}; CPU per clip: "
+            f"server {sustained['server_ms']:.2f} ms, clients {sustained['clients_ms']:.2f} ms")
 
         holder = {"server": server}
 
@@ -406,12 +422,12 @@ def dashboard(models_src: Path, tmp: Path, args, say) -> dict:
 # ----------------------------------------------------------------------------- report
 def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -> str:
     table = markdown_table(
-        ["store", "phase", "clips/s", "p50 ms", "p99 ms", "acknowledged", "lost",
-         "duplicated", "mismatched", "stored, not acknowledged", "failed requests",
-         "target"],
+        ["store", "phase", "clips/s", "p50 ms", "p99 ms", "server CPU ms/clip",
+         "acknowledged", "lost", "duplicated", "mismatched", "stored, not acknowledged",
+         "failed requests", "target"],
         [[r["store"], r["phase"], f"{r['clips_per_s']:.1f}", f"{r['p50_ms']:.1f}",
-          f"{r['p99_ms']:.1f}", r["acked"], r["lost"], r["duplicated"], r["mismatched"],
-          r["stored_not_acked"],
+          f"{r['p99_ms']:.1f}", _ms(r["server_ms"]), r["acked"], r["lost"], r["duplicated"],
+          r["mismatched"], r["stored_not_acked"],
           ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0",
           _target(r)] for r in rows])
     lines = ["## Service under load: `stethoscope serve` (loopback)", "",
@@ -423,7 +439,10 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
              "Lost/duplicated/mismatched: every 2xx-acknowledged result looked up in the "
              "store afterwards. Latency: client-side, request sent to reply read, "
              "acknowledged uploads not retried. Clients and server share the machine's "
-             "cores.", "", table, ""]
+             "cores. Server CPU ms/clip: the server process's user + system CPU time (all "
+             "threads) over the sustained phase divided by the clips it acknowledged; it "
+             "does not depend on how busy the machine is the way clips/s does.", "", table,
+             ""]
     if paint is not None:
         lines += [f"Dashboard first paint: 50 machines, a day of history "
                   f"({paint['results']:,} results, {args.per_minute} a minute each), the "
@@ -437,6 +456,10 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
               machine_line(), "",
               f"Command: `{shown_command('service_load.py', args.argv)}`"]
     return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}"  # NaN: not measured (fault phase)
 
 
 def _target(row: dict) -> str:

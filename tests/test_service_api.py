@@ -273,7 +273,8 @@ def test_healthz_needs_no_token_and_openapi_is_versioned(api):
     assert health.status_code == 200
     assert health.json() | {"version": "x"} == {"status": "ok", "store": "ok", "machines": 2,
                                                  "version": "x"}
-    spec = api.client.get("/openapi.json").json()
+    assert api.client.get("/openapi.json").status_code == 401
+    spec = api.client.get("/openapi.json", headers=api.headers("read")).json()
     assert spec["openapi"].startswith("3.")
     paths = set(spec["paths"])
     assert {"/v1/machines/{machine}/recordings", "/v1/machines", "/v1/alerts",

@@ -76,6 +76,13 @@ def test_every_endpoint_but_healthz_needs_a_token_with_its_scope(api):
         assert right.status_code not in (401, 403), (method, template, right.status_code)
 
 
+def test_the_openapi_spec_needs_a_read_token_too(api):
+    assert api.client.get("/openapi.json").status_code == 401
+    assert api.client.get("/openapi.json", headers=api.headers("score")).status_code == 403
+    spec = api.client.get("/openapi.json", headers=api.headers("read"))
+    assert spec.status_code == 200 and spec.json()["info"]["title"] == "stethoscope"
+
+
 def test_dashboard_pages_need_a_read_token_cookie(api):
     client = api.client
     for page in ("/", f"/machines/{V1}"):

@@ -183,7 +183,7 @@ def create_app(settings: ServiceSettings, *, fleet: dict[str, MachineModel] | No
     app = FastAPI(title="stethoscope", version=__version__, lifespan=lifespan,
                   description="Machine-sound monitoring: post recordings, get scores, "
                   "watch the fleet. Every endpoint but /healthz needs a bearer token.",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     install_error_handlers(app, service)
     app.include_router(api.router)
@@ -199,6 +199,11 @@ def create_app(settings: ServiceSettings, *, fleet: dict[str, MachineModel] | No
                               store="ok" if ok else "unreachable",
                               machines=len(service.fleet), version=__version__)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_spec(_: api.Read) -> JSONResponse:
+        """The OpenAPI spec (read scope, like every endpoint but /healthz)."""
+        return JSONResponse(app.openapi())
 
     @app.get("/metrics", response_class=Response, tags=["health"],
              summary="Prometheus metrics (read scope)",

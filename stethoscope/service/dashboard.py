@@ -4,6 +4,7 @@ result or an alert changed. Server-rendered HTML, one small script, nothing from
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,10 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from stethoscope.service import charts
-from stethoscope.service.api import COOKIE, MACHINE_PATTERN, service
+from stethoscope.service.api import COOKIE, service
 from stethoscope.service.auth import TokenInfo
 from stethoscope.service.core import Service, now_ms
-from stethoscope.service.schemas import iso
+from stethoscope.service.schemas import MACHINE_PATTERN, iso
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 DAY_MS = 86_400_000
@@ -195,7 +196,5 @@ def machine_panel(request: Request, machine: str) -> HTMLResponse:
 
 
 def _check_name(machine: str) -> None:
-    import re
-
     if not re.fullmatch(MACHINE_PATTERN, machine):
         raise HTTPException(404, "no such machine")

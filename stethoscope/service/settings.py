@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from stethoscope.service.errors import ServiceError
@@ -45,6 +45,7 @@ class ServiceSettings:
     rate_limit, rate_burst : requests per second per token, and the burst allowed.
     silent_after_s : a machine with no recording for this long is "silent".
     commit_batch : most results committed in one transaction (each still before its reply).
+    access_log : log every request to stderr (never with its token).
     """
 
     models_dir: Path
@@ -60,7 +61,6 @@ class ServiceSettings:
     silent_after_s: float = 900.0
     commit_batch: int = 256
     access_log: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.models_dir = Path(self.models_dir)

@@ -86,11 +86,11 @@ class CommitQueue:
         start = time.perf_counter()
         try:
             results = self.store.commit_recordings([item for item, _, _ in batch])
-        except Exception:  # noqa: BLE001 - isolate the item that fails, commit the rest
+        except Exception as error:  # noqa: BLE001 - isolate the item that fails, commit the rest
             if len(batch) == 1:
                 item, loop, future = batch[0]
-                error = _current_error()
-                log.exception("could not store a result for %s", item.machine)
+                log.error("could not store a result for %s: %s", item.machine,
+                          str(error).splitlines()[0] if str(error) else type(error).__name__)
                 _resolve(loop, future, error=error)
                 return
             for one in batch:
@@ -105,12 +105,6 @@ class CommitQueue:
                 self.on_commit(results)
             except Exception:  # noqa: BLE001 - live updates must never lose a commit
                 log.exception("live update after a commit failed")
-
-
-def _current_error() -> BaseException:
-    import sys
-
-    return sys.exc_info()[1]
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, *,
