@@ -227,7 +227,10 @@ class DetectorScorer:
         return self.detector.score_waveform(wave, sample_rate, source=source).to_dict()
 
     def score_file(self, path: str | Path) -> dict:
-        return self.detector.score_recordings([path], on_error="collect")[0].to_dict()
+        try:
+            return self.detector.score_recordings([path], on_error="collect")[0].to_dict()
+        except StethoscopeError as err:  # e.g. the file went away before it was read
+            return _failed(path, err)
 
 
 def load_scorer(model: str | Path, *, device: str = "auto") -> EdgeScorer | DetectorScorer:

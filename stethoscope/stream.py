@@ -174,9 +174,8 @@ def open_stdin_stream(stream: BinaryIO, encoding: str, rate: int, channels: int,
     head = _read_exactly(stream, 4)
     if encoding == "wav" or head == b"RIFF":
         if encoding != "wav":
-            print("stethoscope stream: stdin starts with a WAV header; reading it as WAV "
-                  f"(its own rate and channels, not --format {encoding})",
-                  file=log or sys.stderr, flush=True)
+            _note("stdin starts with a WAV header; reading it as WAV (its own rate and "
+                  f"channels, not --format {encoding})", log)
         fmt, size = read_wav_header(stream, head)
         return PcmReader(stream, fmt, limit=size)
     reader = PcmReader(stream, PcmFormat(encoding, rate, channels))
@@ -337,11 +336,18 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
         yield line
     tail = getattr(reader, "tail", 0)
     if tail:
-        print(f"stethoscope stream: the last {tail / rate:.3g} s were shorter than a window "
-              "and not scored", file=log, flush=True)
+        _note(f"the last {tail / rate:.3g} s were shorter than a window and not scored", log)
     if getattr(reader, "leftover_bytes", 0):
-        print(f"stethoscope stream: the stream ended inside a sample frame "
-              f"({reader.leftover_bytes} bytes ignored)", file=log, flush=True)
+        _note(f"the stream ended inside a sample frame ({reader.leftover_bytes} bytes "
+              "ignored)", log)
+
+
+def _note(text: str, log: TextIO | None = None) -> None:
+    """A status line on stderr (none under --quiet)."""
+    from stethoscope.progress import progress_enabled
+
+    if progress_enabled():
+        print(f"stethoscope stream: {text}", file=log or sys.stderr, flush=True)
 
 
 def warm_up(scorer, window: int, channels: int) -> None:

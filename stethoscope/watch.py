@@ -619,7 +619,11 @@ class FolderWatcher:
                 self.state.forget(key)
 
     def _say(self, text: str) -> None:
-        print(f"stethoscope watch: {text}", file=self.log, flush=True)
+        """A status line on stderr (none under --quiet or STETHOSCOPE_PROGRESS=0)."""
+        from stethoscope.progress import progress_enabled
+
+        if progress_enabled():
+            print(f"stethoscope watch: {text}", file=self.log, flush=True)
 
 
 def _is_recording(path: Path, folder: Path) -> bool:

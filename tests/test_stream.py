@@ -93,7 +93,8 @@ def test_a_window_is_printed_as_soon_as_it_is_complete(model, valve):
     of the second window is written."""
     pcm = valve["pcm"]
     proc = subprocess.Popen(stream_command(model["onnx"]), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**ENV, "STETHOSCOPE_PROGRESS": "1"})  # its notes on stderr
     try:
         window = model_window(model)
         proc.stdin.write(pcm[:window].tobytes())
