@@ -573,10 +573,11 @@ def _rhythm_stats(b: GraphBuilder, spec: str, shape: tuple[int, int, int]) -> st
     envelope = b.mean(b.op("Cast", spec, to=11), [0, 1])  # (F,)
     lower_median = (frames - 1) // 2  # torch.median gives the lower of the middle two
     median = add_order_statistics(b, envelope, 0, frames, {lower_median})[lower_median]
-    centred = b.op("Sub", envelope, median)
-    padded = b.op("Pad", centred, b.ints([0, used], "pads"))  # zeros past the end
-    shifts = np.arange(used + 1)[:, None] + np.arange(frames)[None, :]
-    auto = b.op("MatMul", b.gather(padded, shifts, 0), centred)  # (used + 1,) lags 0..used
+    # float32 from here: onnxruntime's Conv, the cheap way to correlate, has no float64
+    centred = b.reshape(b.op("Cast", b.op("Sub", envelope, median), to=1), [1, 1, frames])
+    padded = b.op("Pad", centred, b.ints([0, 0, 0, 0, 0, used], "pads"))  # zeros past the end
+    auto = b.op("Cast", b.reshape(b.op("Conv", padded, centred, kernel_shape=[frames]),
+                                  [used + 1]), to=11)  # lags 0..used
     zero_lag = b.op("Max", b.gather(auto, np.array([0]), 0),
                     b.const(np.float64(1e-12), "floor", np.float64))
     normalised = b.op("Div", b.gather(auto, np.arange(1, used + 1), 0), zero_lag)
