@@ -230,3 +230,36 @@ def test_multichannel_models_export(channels, tmp_path_factory):
         expected = det.score_recordings([path])[0]
         got = scorer.score_file(path)
         assert got["score"] == pytest.approx(expected.score, rel=RELATIVE_TOLERANCE)
+
+
+@pytest.mark.parametrize("settings", [
+    {"n_fft": 1024, "hop_length": 256, "n_mels": 64},  # factored 32·32 (clip-stats)
+    {"n_fft": 400, "hop_length": 160, "n_mels": 40},  # 20·20: A even, 25 ms / 10 ms frames
+    {"n_fft": 1000, "hop_length": 300, "n_mels": 32, "fmin": 50.0, "fmax": 7000.0},  # 40·25
+    {"n_fft": 509, "hop_length": 100, "n_mels": 24},  # prime n_fft: one product, gathered
+    {"n_fft": 512, "hop_length": 128, "n_mels": 32, "power": 1.0},  # magnitude, not power
+])
+def test_onnx_log_mel_front_end_matches_the_features(settings):
+    import onnx
+    import onnxruntime
+
+    from stethoscope.export import GraphBuilder, add_logmel
+    from stethoscope.features import FeatureConfig, logmel
+
+    config = FeatureConfig(**settings)
+    samples = 16000 * 2 + 37
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.standard_normal((3, samples))).astype(np.float32)
+    wave[1] *= np.linspace(0, 1, samples, dtype=np.float32)  # channels differ
+    b = GraphBuilder()
+    spec, frames = add_logmel(b, "x", samples, config.to_dict())
+    b.nodes.append(onnx.helper.make_node("Identity", [spec], ["y"]))
+    model = b.model([onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                        [3, samples])],
+                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], {})
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": wave})[0]
+    expected = logmel(wave, config)
+    assert got.shape == expected.shape == (3, config.n_mels, frames)
+    assert np.abs(got - expected).max() < 1e-3  # dB; float32 rounding of two transforms
