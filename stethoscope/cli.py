@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -424,7 +425,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from stethoscope.atomic import prepare_output
     from stethoscope.metrics import format_table
-    from stethoscope.report import threshold_statement
+    from stethoscope.report import threshold_choices, threshold_statement
 
     if args.report is not None:
         prepare_output(args.report, "report", force=args.force)
@@ -434,19 +435,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for r in failed:
         print(_error_line(r.error), file=sys.stderr)
     statement = threshold_statement(det.threshold_, result["scores"], result["labels"])
+    choices = threshold_choices(det.threshold_, det.train_scores_, result["scores"],
+                                result["labels"])
     if args.json:
         _print_json({"metrics": result["metrics"], "threshold": _threshold_json(det.threshold_),
+                     "threshold_choices": choices,
                      "report": None if args.report is None else args.report / "index.html",
                      "errors": [{"path": r.path, "error": r.error} for r in failed]})
     else:
         print(format_table(result["metrics"]))
         print(statement)
+        _print_choices(choices)
         if args.report is not None:
             print(f"report written to {args.report / 'index.html'}")
     if failed:
         print(f"stethoscope: {len(failed)} recordings could not be evaluated", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _print_choices(choices: list[dict]) -> None:
+    print("threshold choices (fitted on the model's held-out normal scores; --threshold RULE):")
+    print(f"  {'rule':<17} {'value':>10} {'false alarms held-out':>22} {'test normals':>13} "
+          f"{'anomalies found':>16}")
+    for row in choices:
+        cells = [row["false alarms, held-out normals"], row["false alarms, test normals"],
+                 row["anomalies found"]]
+        held, test, found = ("-" if c is None else f"{100 * c:.1f} %" for c in cells)
+        print(f"  {row['rule']:<17} {row['value']:>10.4g} {held:>22} {test:>13} {found:>16}")
 
 
 def _evaluate_readable(det, data: list[str], report: Path | None) -> tuple[dict, list]:
@@ -944,6 +960,25 @@ def _describe_error(err: BaseException) -> str:
             "(run with --debug for the traceback)")
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as ``stethoscope: warning: ...`` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(record.getMessage().split())
+            print(f"stethoscope: {record.levelname.lower()}: {message}", file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+
+
+def _route_logs(debug: bool) -> None:
+    logger = logging.getLogger("stethoscope")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
 def _silence_stdout() -> None:
     """The reader of stdout went away (``| head``): drop what is left to write."""
     try:
@@ -963,6 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     set_quiet(bool(getattr(args, "quiet", False)))
     warnings.showwarning = _one_line_warning
+    _route_logs(debug)
     keep_freed_memory()
     clean_stale_scratch()
     try:

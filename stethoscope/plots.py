@@ -204,6 +204,7 @@ FREQUENCY_TICKS_HZ = (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000, 6
 PANEL_TITLE_SIZE = 9
 CHARS_PER_INCH = 11  # of a 9-point title; wrap titles to what their panel holds
 MAX_TITLE_LINES = 3
+MIN_TICK_GAP = 0.07  # frequency labels at least this share of the bands apart
 
 
 def _hz_label(hz: float) -> str:
@@ -225,9 +226,13 @@ def _frequency_axis(ax: Axes, bands: int, features: SpectrogramAxes | None) -> N
         ax.set_ylabel("mel band")
         return
     centres = _mel_band_centres(features)
-    ticks = [hz for hz in FREQUENCY_TICKS_HZ if centres[0] <= hz <= centres[-1]]
-    positions = np.interp(ticks, centres, np.arange(bands) + 0.5)
-    ax.set_yticks(positions, [_hz_label(hz) for hz in ticks])
+    ticks: list[tuple[float, float]] = []  # (position, Hz), from the top down, spaced apart
+    for hz in sorted(FREQUENCY_TICKS_HZ, reverse=True):
+        if centres[0] <= hz <= centres[-1]:
+            position = float(np.interp(hz, centres, np.arange(bands) + 0.5))
+            if not ticks or ticks[-1][0] - position >= MIN_TICK_GAP * bands:
+                ticks.append((position, hz))
+    ax.set_yticks([t[0] for t in ticks], [_hz_label(t[1]) for t in ticks])
     ax.set_ylabel("frequency (Hz, mel scale)")
 
 

@@ -444,21 +444,24 @@ def threshold_statement(threshold: Threshold, scores: np.ndarray,
                          f"({100 * flagged[anomalous].mean():.0f} %).")
             if flagged[anomalous].mean() < LOW_RECALL:
                 parts.append("That is fewer than half: a lower threshold finds more anomalies "
-                             "at more false alarms; try another rule with --threshold (e.g. "
-                             "fpr:0.05 or fpr:0.1, see the table of threshold choices) "
-                             "without retraining.")
+                             "at more false alarms; another rule can be chosen without "
+                             "retraining (--threshold, e.g. fpr:0.05 or fpr:0.1).")
         elif normal.any():
             parts[-1] += "."
     return " ".join(parts)
 
 
-def _add_threshold_table(report: Report, threshold: Threshold, held_out: Any,
-                         scores: np.ndarray, labels: np.ndarray) -> None:
-    """Other rules fitted on the same held-out normal scores, and what each would do here."""
+def threshold_choices(threshold: Threshold, held_out: Any, scores: Any,
+                      labels: Any) -> list[dict[str, Any]]:
+    """The rule in use and :data:`THRESHOLD_CHOICES`, each fitted on the same held-out normal
+    scores, with what each does there and on labelled test ``scores``: one dict per rule
+    (``rule``, ``value``, false-alarm rates on held-out and test normals, share of test
+    anomalies found)."""
     from stethoscope.errors import StethoscopeError
     from stethoscope.scoring import parse_threshold
 
     held_out = np.asarray(held_out, dtype=np.float64).ravel()
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     normal, anomalous = scores[labels == 0], scores[labels == 1]
     rows = []
     for spec in dict.fromkeys([threshold.spec(), *THRESHOLD_CHOICES]):
@@ -475,6 +478,14 @@ def _add_threshold_table(report: Report, threshold: Threshold, held_out: Any,
             else None,
             "anomalies found": float(np.mean(anomalous > value)) if anomalous.size else None,
         })
+    return rows
+
+
+def _add_threshold_table(report: Report, threshold: Threshold, held_out: Any,
+                         scores: np.ndarray, labels: np.ndarray) -> None:
+    """Other rules fitted on the same held-out normal scores, and what each would do here."""
+    rows = threshold_choices(threshold, held_out, scores, labels)
+    held_out = np.asarray(held_out).ravel()
     report.add_heading("Threshold choices")
     report.add_table(rows, caption=f"Rules fitted on the same {held_out.size} held-out normal "
                                    "scores; rates as fractions. Change the rule without "

@@ -130,3 +130,36 @@ def test_save_figure_writes_png_and_closes(tmp_path, history) -> None:
     plots.save_figure(pyplot_fig, tmp_path / "p.png")
     assert not plt.fignum_exists(pyplot_fig.number)
     assert isinstance(fig, Figure)
+
+
+def test_error_maps_span_the_clip_in_seconds_with_features() -> None:
+    from stethoscope.features import FeatureConfig
+
+    cfg = FeatureConfig()
+    seconds = 313 * cfg.hop_length / cfg.sample_rate
+    fig = plots.plot_error_maps([np.random.rand(64, 313)], [np.random.rand(64, 309)], ["x"],
+                                features=cfg)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.images[0].get_extent()[1] for ax in panels] == [pytest.approx(seconds)] * 2
+    assert all(ax.get_xlabel() == "time (s)" for ax in panels)
+
+
+def test_frequency_labels_are_spaced_apart() -> None:
+    from stethoscope.features import FeatureConfig
+
+    ax = plots.plot_spectrograms([np.random.rand(64, 100)], features=FeatureConfig()).axes[0]
+    ticks = sorted(ax.get_yticks())
+    assert len(ticks) >= 4 and min(np.diff(ticks)) >= plots.MIN_TICK_GAP * 64
+    assert ax.get_yticklabels()[0].get_text() in {"1k", "2k", "4k"}  # from the top down
+
+
+def test_maps_of_other_band_counts_keep_band_indices() -> None:
+    from stethoscope.features import FeatureConfig
+
+    ax = plots.plot_spectrograms([np.random.rand(32, 100)], features=FeatureConfig()).axes[0]
+    assert ax.get_ylabel() == "mel band"
+
+
+def test_long_titles_wrap_to_at_most_three_lines() -> None:
+    title = plots._fit_title("x" * 500, 40)
+    assert len(title.splitlines()) == 3 and all(len(line) <= 40 for line in title.splitlines())

@@ -177,3 +177,49 @@ def test_evaluation_report_checks_lengths(tmp_path, evaluation_inputs) -> None:
     with pytest.raises(DataError, match="clip names"):
         write_evaluation_report(tmp_path / "r", **evaluation_inputs)
     assert not (tmp_path / "r").exists()
+
+
+def test_figures_are_linked_relative_to_the_page_from_any_working_directory(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    plots.save_figure(plots.plot_confusion_matrix(1, 2, 3, 4), Path("out/figures/c.png"))
+    report = Report("t").add_figure(Path("out/figures/c.png"))
+    page = report.write(Path("out"))["html"].read_text()
+    assert _html_sources(page) == ["figures/c.png"]
+    assert _md_sources(report.to_markdown(tmp_path / "out")) == ["figures/c.png"]
+
+
+def test_evaluation_report_states_its_threshold_and_compares_others(
+        tmp_path, evaluation_inputs) -> None:
+    evaluation_inputs.pop("_calls")
+    held_out = np.random.default_rng(1).gamma(2.0, 1.0, 40)
+    evaluation_inputs["threshold"] = Threshold("fpr", q=0.05).fit(held_out)
+    out = write_evaluation_report(tmp_path / "r", held_out_scores=held_out, **evaluation_inputs)
+    page = (out / "index.html").read_text()
+    rate = evaluation_inputs["threshold"].stats_["false_alarm_rate"]
+    assert rate <= 0.05
+    assert f"flags {100 * rate:.1f} % (measured false-alarm rate)" in page
+    assert "Threshold rule: fpr:0.05" in page and "<h2>Threshold choices</h2>" in page
+    assert "fpr:0.05 (used)" in page and "mean+3std" in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"]["stats_"]["false_alarm_rate"] == pytest.approx(rate)
+
+
+def test_threshold_statement_suggests_other_rules_when_few_anomalies_are_found() -> None:
+    from stethoscope.report import threshold_statement
+
+    threshold = Threshold("fixed", value=10.0)
+    scores, labels = np.r_[np.zeros(5), np.arange(10.0)], np.r_[np.zeros(5), np.ones(10)]
+    text = threshold_statement(threshold, scores, labels.astype(int))
+    assert "finds 0 of 10 anomalies" in text and "--threshold" in text
+
+
+def test_a_report_never_replaces_a_folder_of_other_files(tmp_path, evaluation_inputs) -> None:
+    from stethoscope.atomic import OutputError
+
+    evaluation_inputs.pop("_calls")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match="refusing"):
+        write_evaluation_report(tmp_path / "r", **evaluation_inputs)
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["mine.txt"]
