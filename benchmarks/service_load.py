@@ -242,6 +242,35 @@ def run_load(url: str, tokens: list[str], machines: list[str], clips: list[bytes
             "acked": len(tally.acked), "errors": dict(tally.errors), **cpu}
 
 
+def server_breakdown(url: str, token: str) -> dict:
+    """Means from the server's own /metrics: decode + score per upload, commit per batch,
+    results per batch, and server-side time per upload request."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url + "/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        text = reply.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            route = sample.labels.get("route", "/v1/machines/{machine}/recordings")
+            if route == "/v1/machines/{machine}/recordings" and \
+                    sample.name.endswith(("_sum", "_count")):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+
+    def mean(name: str, scale: float = 1000.0) -> float:
+        count = sums.get(f"{name}_count", 0.0)
+        return scale * sums.get(f"{name}_sum", 0.0) / count if count else float("nan")
+
+    return {"score_ms": mean("stethoscope_scoring_duration_seconds"),
+            "commit_ms": mean("stethoscope_commit_duration_seconds"),
+            "batch": mean("stethoscope_commit_batch_size", 1.0),
+            "request_ms": mean("stethoscope_http_request_duration_seconds")}
+
+
 def audit(db_url: str, acked: dict[str, tuple[int, float]]) -> dict:
     """Every acknowledged result against the store: lost, duplicated, mismatched."""
     from sqlalchemy import create_engine, select
@@ -271,6 +300,7 @@ def load_and_fault(name: str, db_url: str, models: Path, machines: list[str],
     from stethoscope.service.process import ServerProcess
 
     tokens = make_tokens(db_url, args.clients, ["score"])
+    reader = make_tokens(db_url, 1, ["read"])[0]
     server_args = ["--db", db_url, "--data", str(tmp / f"data-{name}"),
                    "--rate-limit", "1000", "--rate-burst", "1000", *args.server_args]
     log = tmp / f"server-{name}.log"
@@ -282,7 +312,7 @@ def load_and_fault(name: str, db_url: str, models: Path, machines: list[str],
         sustained = run_load(server.url, tokens, machines, clips, args.seconds,
                              server_pid=server.pid)
         sustained.update(audit(db_url, sustained["tally"].acked), phase="sustained",
-                         store=name)
+                         store=name, breakdown=server_breakdown(server.url, reader))
         rows.append(sustained)
         say(f"  {sustained['clips_per_s']:.1f} clips/s, p50 {sustained['p50_ms']:.1f} ms, "
             f"p99 {sustained['p99_ms']:.1f} ms, errors {sustained['errors']}; CPU per clip: "
@@ -443,6 +473,15 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
              "threads) over the sustained phase divided by the clips it acknowledged; it "
              "does not depend on how busy the machine is the way clips/s does.", "", table,
              ""]
+    for r in rows:
+        b = r.get("breakdown")
+        if b:
+            lines += [f"Where the time went ({r['store']}, sustained, means from the "
+                      f"server's /metrics): decode + score {b['score_ms']:.2f} ms per upload "
+                      f"on the one scoring thread; a commit took {b['commit_ms']:.2f} ms for "
+                      f"{b['batch']:.1f} results on average (group commit); an upload spent "
+                      f"{b['request_ms']:.1f} ms in the server, most of it waiting its turn "
+                      f"for the scoring thread behind the other clients' uploads.", ""]
     if paint is not None:
         lines += [f"Dashboard first paint: 50 machines, a day of history "
                   f"({paint['results']:,} results, {args.per_minute} a minute each), the "

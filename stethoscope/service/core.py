@@ -139,7 +139,8 @@ class Service:
             scored = await loop.run_in_executor(self.scoring, score_file, machine, spooled,
                                                 label)
             self.metrics.scoring_seconds.labels(machine.name).observe(scored.seconds)
-            kept = self.keeper.keep(spooled) if self.keeper.enabled else None
+            kept = (await loop.run_in_executor(None, self.keeper.keep, spooled)
+                    if self.keeper.enabled else None)  # an fsync: off the event loop
             item = NewRecording(machine=machine.name, received_ms=received, score=scored.score,
                                 threshold=machine.threshold, anomalous=scored.anomalous,
                                 windows=scored.windows, duration_s=scored.duration_s,

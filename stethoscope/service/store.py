@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -220,6 +221,10 @@ class Store:
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = normalise_url(url)
         self.engine = make_engine(self.url)
+        # what the writer knows exists (only this process's writer adds rows; none are
+        # deleted): it then updates them in one statement per batch
+        self._known_states: set[str] | None = None
+        self._buckets_seen: set[tuple[str, int]] = set()
         if migrate:
             self.migrate()
 
@@ -287,6 +292,8 @@ class Store:
         the machine's open (unacknowledged) one. Statements per batch: one insert of all
         recordings, and a few per machine and alert (not per recording).
         """
+        self._new_states: set[str] = set()
+        self._new_buckets: set[tuple[str, int]] = set()
         with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
             with conn.begin():
                 replays = self._stored_keys(conn, items)
@@ -308,24 +315,23 @@ class Store:
                             r.recording for r in stored
                             if r.recording["machine"] == machine
                             and r.recording["idempotency_key"] == key_value)
+        # committed: only now may the rows made by this batch be taken as existing
+        self._state_rows_seen().update(self._new_states)
+        self._buckets_seen.update(self._new_buckets)
         return [stored[ref] if kind == "new"
                 else CommitResult(replays[ref], replayed=True) for kind, ref in slots]
 
     def _stored_keys(self, conn: Connection, items: list[NewRecording]
                      ) -> dict[tuple[str, str], dict | None]:
-        """The already stored recordings of the items' idempotency keys."""
-        wanted: dict[str, set[str]] = {}
-        for item in items:
-            if item.idempotency_key is not None:
-                wanted.setdefault(item.machine, set()).add(item.idempotency_key)
-        found: dict[tuple[str, str], dict | None] = {}
-        for machine, keys in wanted.items():
-            rows = conn.execute(select(recordings).where(
-                recordings.c.machine == machine,
-                recordings.c.idempotency_key.in_(sorted(keys)))).all()
-            for row in rows:
-                found[(machine, row.idempotency_key)] = recording_dict(row)
-        return found
+        """The already stored recordings of the items' idempotency keys (one query)."""
+        wanted = {(i.machine, i.idempotency_key) for i in items
+                  if i.idempotency_key is not None}
+        if not wanted:
+            return {}
+        rows = conn.execute(select(recordings).where(
+            recordings.c.idempotency_key.in_(sorted({key for _, key in wanted})))).all()
+        return {(r.machine, r.idempotency_key): recording_dict(r) for r in rows
+                if (r.machine, r.idempotency_key) in wanted}
 
     def _insert_fresh(self, conn: Connection, items: list[NewRecording]) -> list[CommitResult]:
         if not items:
@@ -393,41 +399,86 @@ class Store:
 
     def _update_machine_states(self, conn: Connection, items: list[NewRecording],
                                ids: list[int]) -> None:
-        last: dict[str, tuple[NewRecording, int]] = {}
-        counts: dict[str, int] = {}
+        """Each machine's last result and count: one UPDATE for all the batch's machines
+        (executemany), an INSERT for a machine's first result."""
+        last: dict[str, dict] = {}
         for item, rec_id in zip(items, ids, strict=True):
-            last[item.machine] = (item, rec_id)
-            counts[item.machine] = counts.get(item.machine, 0) + 1
-        for machine, (item, rec_id) in last.items():
-            values = {"last_recording_id": rec_id, "last_ms": item.received_ms,
-                      "last_score": item.score, "last_threshold": item.threshold,
-                      "last_anomalous": item.anomalous}
-            done = conn.execute(update(machine_state).where(machine_state.c.machine == machine)
-                                .values(**values,
-                                        recordings=machine_state.c.recordings + counts[machine]))
-            if done.rowcount == 0:
-                conn.execute(machine_state.insert().values(machine=machine,
-                                                           recordings=counts[machine], **values))
+            entry = last.setdefault(item.machine, {"b_machine": item.machine, "b_count": 0})
+            entry.update(b_id=rec_id, b_ms=item.received_ms, b_score=item.score,
+                         b_threshold=item.threshold, b_anomalous=item.anomalous)
+            entry["b_count"] += 1
+        known = self._state_rows(conn) | self._new_states
+        fresh = [e for m, e in last.items() if m not in known]
+        if len(fresh) < len(last):
+            conn.execute(update(machine_state)
+                         .where(machine_state.c.machine == bindparam("b_machine"))
+                         .values(last_recording_id=bindparam("b_id"),
+                                 last_ms=bindparam("b_ms"), last_score=bindparam("b_score"),
+                                 last_threshold=bindparam("b_threshold"),
+                                 last_anomalous=bindparam("b_anomalous"),
+                                 recordings=machine_state.c.recordings + bindparam("b_count")),
+                         [e for m, e in last.items() if m in known])
+        for e in fresh:
+            conn.execute(machine_state.insert().values(
+                machine=e["b_machine"], last_recording_id=e["b_id"], last_ms=e["b_ms"],
+                last_score=e["b_score"], last_threshold=e["b_threshold"],
+                last_anomalous=e["b_anomalous"], recordings=e["b_count"]))
+            self._new_states.add(e["b_machine"])
+
+    def _state_rows(self, conn: Connection) -> set[str]:
+        """Machines that have a ``machine_state`` row (read once; rows are never deleted)."""
+        if self._known_states is None:
+            self._known_states = set(conn.execute(select(machine_state.c.machine)).scalars())
+        return self._known_states
+
+    def _state_rows_seen(self) -> set[str]:
+        if self._known_states is None:
+            self._known_states = set()
+            with self.engine.connect() as conn:
+                self._known_states = set(conn.execute(select(machine_state.c.machine))
+                                         .scalars())
+        return self._known_states
 
     def _update_buckets(self, conn: Connection, items: list[NewRecording]) -> None:
-        sums: dict[tuple[str, int], list[float]] = {}
+        """The 15-minute sparkline buckets: one UPDATE (executemany) for the buckets that
+        exist, an INSERT for each new one."""
+        sums: dict[tuple[str, int], dict] = {}
         for item in items:
             bucket = item.received_ms - item.received_ms % BUCKET_MS
-            entry = sums.setdefault((item.machine, bucket), [0, 0.0, item.score])
-            entry[0] += 1
-            entry[1] += item.score
-            entry[2] = max(entry[2], item.score)
-        greatest = func.greatest if self.dialect == "postgresql" else func.max
-        for (machine, bucket), (count, total, peak) in sums.items():
-            done = conn.execute(update(score_buckets).where(
-                score_buckets.c.machine == machine, score_buckets.c.bucket_ms == bucket)
-                .values(count=score_buckets.c.count + count,
-                        sum_score=score_buckets.c.sum_score + total,
-                        max_score=greatest(score_buckets.c.max_score, peak)))
-            if done.rowcount == 0:
-                conn.execute(score_buckets.insert().values(machine=machine, bucket_ms=bucket,
-                                                           count=count, max_score=peak,
-                                                           sum_score=total))
+            entry = sums.setdefault((item.machine, bucket), {
+                "b_machine": item.machine, "b_bucket": bucket, "b_count": 0, "b_sum": 0.0,
+                "b_max": item.score})
+            entry["b_count"] += 1
+            entry["b_sum"] += item.score
+            entry["b_max"] = max(entry["b_max"], item.score)
+        known = [e for key, e in sums.items()
+                 if key in self._new_buckets or self._bucket_known(conn, key)]
+        if known:
+            greatest = func.greatest if self.dialect == "postgresql" else func.max
+            conn.execute(update(score_buckets).where(
+                score_buckets.c.machine == bindparam("b_machine"),
+                score_buckets.c.bucket_ms == bindparam("b_bucket"))
+                .values(count=score_buckets.c.count + bindparam("b_count"),
+                        sum_score=score_buckets.c.sum_score + bindparam("b_sum"),
+                        max_score=greatest(score_buckets.c.max_score, bindparam("b_max"))),
+                known)
+        for key, e in sums.items():
+            if e not in known:
+                conn.execute(score_buckets.insert().values(
+                    machine=e["b_machine"], bucket_ms=e["b_bucket"], count=e["b_count"],
+                    max_score=e["b_max"], sum_score=e["b_sum"]))
+                self._new_buckets.add(key)
+
+    def _bucket_known(self, conn: Connection, key: tuple[str, int]) -> bool:
+        if key in self._buckets_seen:
+            return True
+        exists = conn.execute(select(score_buckets.c.count).where(
+            score_buckets.c.machine == key[0], score_buckets.c.bucket_ms == key[1])).first()
+        if exists is not None:  # committed before this batch began
+            if len(self._buckets_seen) > 100_000:
+                self._buckets_seen.clear()
+            self._buckets_seen.add(key)
+        return exists is not None
 
     # ------------------------------------------------------------------ reading results
     def recording(self, rec_id: int) -> dict[str, Any] | None:
