@@ -154,7 +154,7 @@ def test_kill_and_restart_scores_each_file_exactly_once(model, clips, tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "scores.jsonl"
     inbox.mkdir()
     command = [sys.executable, "-m", "stethoscope", "watch", str(inbox), "--model",
-               str(model["folder"]), "--out", str(out), "--settle", "0.3", "--interval", "0.1"]
+               str(model["folder"]), "--out", str(out), "--settle", "0.5", "--interval", "0.1"]
     env = {**os.environ, "STETHOSCOPE_PROGRESS": "0"}
     log = open(tmp_path / "watch.log", "w")  # noqa: SIM115 - closed at the end
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT, env=env)
