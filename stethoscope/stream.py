@@ -87,6 +87,7 @@ class PcmReader:
                  source: str = SOURCE_NAME) -> None:
         self.stream, self.format, self.limit, self.source = stream, fmt, limit, source
         self._carry = b""  # a partial sample frame left by the last read
+        self.tail = 0  # samples at the end too few for a window (set by iter_windows)
 
     def read(self, samples: int) -> np.ndarray:
         """Up to ``samples`` sample frames; fewer only at the end of the stream."""
@@ -198,6 +199,7 @@ class DeviceReader:
         self.source = f"device {device}"
         self._blocks: queue.Queue = queue.Queue()
         self._pending = np.zeros((channels, 0), dtype=np.float32)
+        self.tail = 0
         try:
             self._stream = sounddevice.InputStream(
                 device=device, channels=channels, samplerate=rate, dtype="float32",
