@@ -385,8 +385,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                  "anomalous": flagged, "errors": len(failed)}})
     else:
         _print_score_table(scored)
-        print(f"{flagged} of {len(scored)} anomalous (threshold {det.threshold_.value_:.6g}, "
-              f"{det.threshold_.spec()})")
+        if scored:
+            print(f"{flagged} of {len(scored)} anomalous (threshold "
+                  f"{det.threshold_.value_:.6g}, {det.threshold_.spec()})")
     if failed:
         if len(results) > 1:
             print(f"stethoscope: {len(failed)} of {len(results)} recordings could not be "
