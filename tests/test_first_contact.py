@@ -444,6 +444,19 @@ def test_6_bad_files_are_named_and_every_readable_clip_is_scored(steth, tmp_path
     assert "Traceback" not in result.stderr
 
 
+def test_6_evaluate_reports_every_readable_clip_and_names_the_bad_one(steth, tmp_path, sim,
+                                                                      model):
+    data = Path(shutil.copytree(sim, tmp_path / "valve" / "id_00"))
+    corrupt = data / "abnormal" / "zz_corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    result = steth("evaluate", model, data, "--report", tmp_path / "report")
+    assert result.returncode == 2 and str(corrupt) in result.stderr, result.stderr
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["metrics"]["overall"]["n_anomalous"] == 6  # every readable one
+    again = strict_json(steth("evaluate", model, data, "--json").stdout)
+    assert [Path(e["path"]).name for e in again["errors"]] == ["zz_corrupt.wav"]
+
+
 def test_6_training_names_the_clip_that_would_ruin_every_score(steth, tmp_path, sim):
     folder = tmp_path / "train"
     _copy_clips(sim, folder, 10)
