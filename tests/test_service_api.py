@@ -166,7 +166,7 @@ def test_bad_audio_gets_the_detectors_one_line_error(api, service_clips):
         assert words[name] in message, message
         assert "/tmp" not in message and "data/audio" not in message  # no server paths
     assert api.service.store.history(V1) == []  # nothing half-stored
-    assert list((api.service.settings.audio_dir / "tmp").iterdir()) == []  # no spool left
+    assert list(api.service.keeper.tmp.iterdir()) == []  # no spool file left
 
 
 def test_request_errors_are_json(tmp_path, service_models, fleet, service_clips):

@@ -106,6 +106,7 @@ class Service:
             self._sweeper.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
         self.scoring.shutdown(wait=True)
+        self.keeper.close()
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,7 +140,7 @@ class Service:
             scored = await loop.run_in_executor(self.scoring, score_file, machine, spooled,
                                                 label)
             self.metrics.scoring_seconds.labels(machine.name).observe(scored.seconds)
-            kept = (await loop.run_in_executor(None, self.keeper.keep, spooled)
+            kept = (await loop.run_in_executor(None, self.keeper.keep, data)
                     if self.keeper.enabled else None)  # an fsync: off the event loop
             item = NewRecording(machine=machine.name, received_ms=received, score=scored.score,
                                 threshold=machine.threshold, anomalous=scored.anomalous,

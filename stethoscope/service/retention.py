@@ -6,12 +6,39 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 log = logging.getLogger("stethoscope.service")
 AUDIO_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def spool_folder(folder: Path) -> Path:
+    """Where uploads wait for their decoding: a private folder in ``/dev/shm`` (memory)
+    when it is there and writable, else ``folder/tmp``."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        for old in shm.glob("stethoscope-spool-*"):  # of servers killed with kill -9
+            pid = old.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"stethoscope-spool-{os.getpid()}-", dir=shm))
+    local = folder / "tmp"
+    local.mkdir(parents=True, exist_ok=True)
+    return local
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class AudioKeeper:
@@ -28,30 +55,41 @@ class AudioKeeper:
         self.folder = Path(folder)
         self.keep_days = float(keep_days)
         self.max_bytes = int(max_bytes)
-        self.tmp = self.folder / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tmp = spool_folder(self.folder)
 
     @property
     def enabled(self) -> bool:
         return self.keep_days > 0
 
+    def close(self) -> None:
+        """Remove the spool folder (when it is this keeper's own, in memory)."""
+        if self.tmp.name.startswith("stethoscope-spool-"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
     def spool(self, data: bytes) -> Path:
-        """Write an upload to a temporary file of its own (the caller deletes or keeps it)."""
+        """Write an upload to a temporary file of its own, for the WAV reader (the caller
+        deletes it). In memory (``/dev/shm``) where there is one: spool files on the disk
+        get flushed by every commit's fsync (ext4 orders data before the journal), which
+        measured twice the scoring time under load."""
         path = self.tmp / f"{uuid.uuid4().hex}.wav"
         with open(path, "wb") as handle:
             handle.write(data)
         return path
 
-    def keep(self, spooled: Path) -> str | None:
-        """Keep a spooled upload (moved into place, flushed to disk); returns its key, or
-        None (and deletes it) when audio is not kept."""
+    def keep(self, data: bytes) -> str | None:
+        """Keep an upload's audio (written, flushed to disk, renamed into place); returns
+        its key, or None when audio is not kept."""
         if not self.enabled:
-            spooled.unlink(missing_ok=True)
             return None
-        key = spooled.stem
-        with open(spooled, "rb+") as handle:
+        key = uuid.uuid4().hex
+        final = self.path_for(key)
+        partial = final.with_suffix(".partial")
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
-        os.replace(spooled, self.path_for(key))
+        os.replace(partial, final)
         return key
 
     def path_for(self, key: str) -> Path:
@@ -64,7 +102,8 @@ class AudioKeeper:
         first), and stray temporary files; the store forgets deleted keys. Returns how
         many files were deleted."""
         now = time.time() if now is None else now
-        for stray in self.tmp.glob("*.wav"):  # left by a crash mid-upload
+        strays = [*self.tmp.glob("*.wav"), *self.folder.glob("*.partial")]
+        for stray in strays:  # left by a crash mid-upload
             if now - stray.stat().st_mtime > 3600:
                 stray.unlink(missing_ok=True)
         files = sorted(((p.stat().st_mtime, p.stat().st_size, p)
