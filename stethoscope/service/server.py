@@ -28,6 +28,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def freeze_startup_objects() -> None:
+    """Move everything made at start (torch, the models, the app: ~280,000 objects) out of
+    the garbage collector's sight: a full collection over them takes 100-250 ms here
+    (measured), a pause of every request in flight whenever one strikes. What requests
+    make is still collected as usual."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def log_config() -> dict:
     """uvicorn's logging with the access log on stderr too (stdout carries results only)."""
     import copy
@@ -82,6 +93,7 @@ def serve(settings: ServiceSettings, *, out: TextIO = sys.stdout) -> int:
     if first is not None:
         print(f"token: {first}   (admin; shown only now, stored hashed: keep it)", file=out)
     out.flush()
+    freeze_startup_objects()
     config = uvicorn.Config(app, log_level="info", access_log=settings.access_log,
                             log_config=log_config(), timeout_graceful_shutdown=3,
                             server_header=False, lifespan="on", backlog=2048)
