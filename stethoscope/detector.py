@@ -103,8 +103,10 @@ class Detector(BaseEstimator):
     seed : int, default 0
     device : str, default "auto"
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    precision : str, default "fp32"
-        ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware has it natively).
+    precision : str, optional
+        ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware has it natively);
+        None: the model's registered default (``"auto"`` for seed-conv-ae, whose scores and
+        verdicts it leaves unchanged on the real valve data; ``"fp32"`` for the others).
     val_fraction : float, default 0.1
         Share of normal clips held out by trained models for early stopping and the threshold.
     model_params : dict, optional
@@ -129,6 +131,8 @@ class Detector(BaseEstimator):
         The builder arguments used, after per-machine defaults are resolved.
     pooling_ : str or None
         The pooling rule used (None for clip-level models).
+    precision_ : str
+        The precision trained and scored with, after the model's default is resolved.
     train_config_ : TrainConfig or None
         The training loop's settings (None for models that are not trained).
     input_shape_ : tuple of int
@@ -160,7 +164,7 @@ class Detector(BaseEstimator):
         patience: int | None = None,
         seed: int = 0,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str | None = None,
         val_fraction: float = 0.1,
         model_params: dict | None = None,
         cache_dir: str | Path | None = None,
@@ -253,10 +257,13 @@ class Detector(BaseEstimator):
             return None
         return _checked_rule(self.pooling or info.scoring.get("pooling", "mean"), "pooling")
 
+    def _precision(self, info: registry.ModelInfo) -> str:
+        return self.precision or info.training.get("precision", "fp32")
+
     def _train_config(self, info: registry.ModelInfo) -> TrainConfig:
         overrides = dict(info.training)
         overrides.update({k: getattr(self, k) for k in _TRAIN_KEYS if getattr(self, k) is not None})
-        overrides.update(seed=self.seed, device=self.device, precision=self.precision,
+        overrides.update(seed=self.seed, device=self.device, precision=self._precision(info),
                          progress=self.progress is not False)
         try:
             return TrainConfig(**overrides)
@@ -275,7 +282,7 @@ class Detector(BaseEstimator):
         """Every setting that can be checked before reading any data."""
         self._info()
         resolve_device(self.device)
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
                               f"not {self.precision!r}")
         if not 0 <= self.val_fraction < 1:
@@ -386,6 +393,7 @@ class Detector(BaseEstimator):
         except TypeError as err:
             raise ConfigError(f"model_params do not fit {self.model}: {err}") from None
         self.pooling_ = self._pooling(info, self.model_)
+        self.precision_ = self._precision(info)
         self.train_config_ = self._train_config(info) if self.model_.trainable else None
         plan = TrainPlan(self.train_config_, self.val_fraction, f"train {info.name}") \
             if self.model_.trainable else None
@@ -440,7 +448,7 @@ class Detector(BaseEstimator):
         device and precision, as float32 CPU tensors; memory stays flat for big corpora."""
         model, device = self._placed()
         return run_batches(model, specs, fn, batch_size=batch_size, device=device,
-                           precision=self.precision, rows=iter_chunks)
+                           precision=self.precision_, rows=iter_chunks)
 
     def _check_shape(self, specs: np.ndarray, source: str) -> None:
         expected = tuple(self.input_shape_)
@@ -694,7 +702,7 @@ class Detector(BaseEstimator):
             "train_scores": {"n": int(scores.size), "mean": float(scores.mean()),
                              "std": float(scores.std()), "values": scores.tolist()},
             "train_input": getattr(self, "train_input_", {}),
-            "settings": {"seed": self.seed, "precision": self.precision,
+            "settings": {"seed": self.seed, "precision": self.precision_,
                          "val_fraction": self.val_fraction},
             "history": self.history_.to_dict(),
         }
@@ -748,6 +756,7 @@ def _from_config(cls, config: dict, state: dict, **reading) -> Detector:
         det.pooling = None
     det.pooling_ = det._pooling(info, det.model_)
     det.train_config_ = None
+    det.precision_ = det.precision or "fp32"
     det.threshold_ = threshold
     det.threshold_source_ = config.get("threshold_source", "unknown")
     det.train_scores_ = scores
