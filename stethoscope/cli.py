@@ -295,9 +295,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a clip's error map becomes its score: mean, max, median, "
                         "topk:0.1 or p95 (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
                    help="training precision; bf16/auto: bf16 autocast where the CPU or GPU "
-                        "has it")
+                        "has it (default: the model's: auto for seed-conv-ae, else fp32)")
     _channels_option(p, scoring=False)
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="memory-mapped feature cache folder, so repeat runs skip the WAVs "
@@ -857,8 +857,9 @@ def _fleet_arguments(p: argparse.ArgumentParser) -> None:
                    help="training epochs (default: the model's)")
     t.add_argument("--seed", type=int, default=0, help="random seed (same seed, same models)")
     _threshold_option(t, "mean+2std")
-    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="training precision")
+    t.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+                   help="training precision (default: the model's: auto for seed-conv-ae, "
+                        "else fp32)")
     _force_option(t, "machine model folders")
     s = fsub.add_parser("score", help="score every machine's test recordings into one table",
                         description="score every machine's test recordings with its model "
