@@ -270,12 +270,12 @@ def test_wav_mean_channels_average_the_channels_log_mels(stereo_wavs):
 
 def test_precision_defaults_to_the_models_registered_choice_and_is_saved(tmp_path):
     specs = _corpus((1, 16, 32), n=6)
-    conv = Detector("seed-conv-ae", epochs=1, progress=False).fit(specs)
-    dense = Detector("dcase-ae", epochs=1, progress=False).fit(specs)
+    small = {"features": {"frames": 32}, "epochs": 1, "progress": False}
+    conv = Detector("seed-conv-ae", **small).fit(specs)
+    dense = Detector("dcase-ae", **small).fit(specs)
     assert conv.precision is None and conv.precision_ == "auto"
     assert conv.train_config_.precision == "auto"
     assert dense.precision_ == "fp32"
-    assert Detector("seed-conv-ae", precision="fp32", epochs=1, progress=False).fit(
-        specs).precision_ == "fp32"
+    assert Detector("seed-conv-ae", precision="fp32", **small).fit(specs).precision_ == "fp32"
     conv.save(tmp_path / "m")
     assert Detector.load(tmp_path / "m").precision_ == "auto"
