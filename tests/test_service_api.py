@@ -382,3 +382,17 @@ def test_real_server_on_loopback_streams_events(tmp_path, service_models, fleet,
         assert events[1][1] == {"machine": V2, "alert_id": reply.json()["alert_id"],
                                 "state": "opened"}
         assert {m["machine"]: m["status"] for m in listing["machines"]}[V2] == "anomalous"
+
+
+def test_scoring_in_worker_processes_gives_the_same_results(tmp_path, service_models, fleet,
+                                                           service_clips):
+    with open_api(tmp_path, service_models, fleet, scoring_processes=1) as api:
+        normal = api.post_wav(V1, service_clips.normal_bytes(0))
+        bad = api.post_wav(V1, service_clips.anomalous_bytes(0))
+        broken = api.post_wav(V1, service_clips.normal_bytes(0)[:5000], source="cut")
+    expected = fleet[V1].detector.score_recordings([service_clips.normal[0]])[0]
+    assert normal.status_code == 201
+    assert normal.json()["score"] == pytest.approx(expected.score, rel=1e-5)
+    assert bad.json()["anomalous"] is True and bad.json()["alert_id"] is not None
+    assert broken.status_code == 422
+    assert broken.json()["error"].startswith(f"upload to {V1} (cut): is truncated")

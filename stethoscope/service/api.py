@@ -12,8 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from stethoscope.service import schemas
 from stethoscope.service.auth import TokenInfo
-from stethoscope.service.core import Service, UploadRejected, now_ms
+from stethoscope.service.core import Service, now_ms
 from stethoscope.service.schemas import MACHINE_PATTERN, iso, parse_time
+from stethoscope.service.scoring import UploadRejected
 
 COOKIE = "stethoscope_token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

@@ -19,8 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stethoscope import __version__
 from stethoscope.errors import StethoscopeError
 from stethoscope.service import api, dashboard, schemas
-from stethoscope.service.core import Service, UploadRejected
+from stethoscope.service.core import Service
 from stethoscope.service.machines import MachineModel
+from stethoscope.service.scoring import UploadRejected
 from stethoscope.service.settings import ServiceSettings
 from stethoscope.service.store import Store
 

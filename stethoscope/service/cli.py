@@ -43,6 +43,9 @@ def add_commands(sub) -> None:
     p.add_argument("--silent-after", type=float, default=900.0, metavar="SECONDS",
                    help="a machine with no recording for this long is 'silent' (default 900)")
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    p.add_argument("--scoring-processes", type=int, default=0, metavar="N",
+                   help="score in N worker processes (each loads the models) instead of one "
+                        "thread of the server (default 0: the thread)")
 
     p = sub.add_parser("tokens", help="create, list and revoke the service's access tokens")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -68,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port, keep_audio_days=args.keep_audio, audio_max_mb=args.audio_max_mb,
         max_upload_mb=args.max_upload_mb, rate_limit=args.rate_limit,
         rate_burst=args.rate_burst, silent_after_s=args.silent_after,
-        access_log=args.access_log)
+        access_log=args.access_log, scoring_processes=args.scoring_processes)
     try:
         from stethoscope.service.server import serve
     except ImportError as err:

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-from stethoscope.errors import StethoscopeError
 from stethoscope.service.auth import TokenAuthority
 from stethoscope.service.events import EventHub
 from stethoscope.service.machines import MachineModel, load_fleet
@@ -21,32 +16,13 @@ from stethoscope.service.metrics import ServiceMetrics
 from stethoscope.service.ratelimit import RateLimiter
 from stethoscope.service.retention import AudioKeeper
 from stethoscope.service.schemas import iso
+from stethoscope.service.scoring import ProcessScorer, ThreadScorer
 from stethoscope.service.settings import ServiceSettings
 from stethoscope.service.store import CommitResult, NewRecording, Store
 from stethoscope.service.writer import CommitQueue
 
 log = logging.getLogger("stethoscope.service")
 SWEEP_EVERY_S = 60.0
-
-
-class UploadRejected(Exception):
-    """An upload the service will not score: ``status`` and a one-line ``message``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Scored:
-    """What scoring an upload gave, before it is stored."""
-
-    score: float
-    anomalous: bool
-    windows: list[dict]
-    duration_s: float
-    seconds: float
 
 
 def now_ms() -> int:
@@ -76,9 +52,9 @@ class Service:
                                   int(settings.audio_max_mb * 1024 * 1024))
         self.writer = CommitQueue(self.store, max_batch=settings.commit_batch,
                                   on_commit=self._after_commit, on_batch=self._observe_batch)
-        # one scoring thread: the log-mel front end already spreads one clip over the
-        # cores and serialises its calls, so more threads only queue (measured: no gain)
-        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="stethoscope-score")
+        self.scorer = (ProcessScorer(settings.models_dir, settings.scoring_processes)
+                       if settings.scoring_processes else
+                       ThreadScorer(self.fleet, self.keeper.tmp))
         self._sweeper: asyncio.Task | None = None
         self._lifespans = 0
         self.render_png = lru_cache(maxsize=64)(self._render_png)
@@ -93,6 +69,7 @@ class Service:
         if self._lifespans > 1:
             return
         self.hub.bind(asyncio.get_running_loop())
+        await self.scorer.start()
         self.writer.start()
         if self.keeper.enabled:
             self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -105,7 +82,7 @@ class Service:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
-        self.scoring.shutdown(wait=True)
+        self.scorer.close()
         self.keeper.close()
 
     async def _sweep_forever(self) -> None:
@@ -133,12 +110,10 @@ class Service:
         """
         loop = asyncio.get_running_loop()
         received = now_ms()
-        spooled = self.keeper.spool(data)
         kept = None
         try:
             label = f"upload to {machine.name}" + (f" ({source})" if source else "")
-            scored = await loop.run_in_executor(self.scoring, score_file, machine, spooled,
-                                                label)
+            scored = await self.scorer.score(machine.name, data, label)
             self.metrics.scoring_seconds.labels(machine.name).observe(scored.seconds)
             kept = (await loop.run_in_executor(None, self.keeper.keep, data)
                     if self.keeper.enabled else None)  # an fsync: off the event loop
@@ -156,8 +131,6 @@ class Service:
             if kept:
                 self.keeper.path_for(kept).unlink(missing_ok=True)
             raise
-        finally:
-            spooled.unlink(missing_ok=True)
 
     def _after_commit(self, results: list[CommitResult]) -> None:
         for result in results:
@@ -219,28 +192,3 @@ class Service:
             return None
         title = f"{row['machine']} · recording {recording_id} · score {row['score']:.3g}"
         return render_png(self.fleet[row["machine"]], path, kind, title)
-
-
-def score_file(machine: MachineModel, path: Path, label: str) -> Scored:
-    """Decode and score one spooled upload with the machine's model (on the scoring
-    thread); errors become :class:`UploadRejected` with the detector's one-line message,
-    naming the upload rather than the spool file."""
-    from stethoscope.audio import read_wav
-
-    det = machine.detector
-    cfg = det.feature_config_
-    start = time.perf_counter()
-    try:
-        with machine.lock:
-            wave, rate = read_wav(path, channels="all", sample_rate=cfg.sample_rate,
-                                  resample=cfg.resample)
-            result = det.score_waveform(wave, rate, source=label)
-    except StethoscopeError as err:
-        message = f"{label}: {err.problem}" if err.path == path else str(err)
-        raise UploadRejected(422, message) from None
-    if not result.ok or result.score is None or not math.isfinite(result.score):
-        raise UploadRejected(422, f"{label}: {result.error or 'its score is not finite'}")
-    windows = [w.to_dict() for w in result.windows]
-    duration = wave.shape[-1] / rate
-    return Scored(float(result.score), bool(result.anomalous), windows, float(duration),
-                  time.perf_counter() - start)

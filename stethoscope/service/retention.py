@@ -18,7 +18,8 @@ AUDIO_KEY = re.compile(r"[0-9a-f]{32}")
 
 def spool_folder(folder: Path) -> Path:
     """Where uploads wait for their decoding: a private folder in ``/dev/shm`` (memory)
-    when it is there and writable, else ``folder/tmp``."""
+    when it is there and writable, else ``folder/tmp``. (On the disk, spool files get
+    flushed along with every commit's fsync, ext4 ordering data before its journal.)"""
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         for old in shm.glob("stethoscope-spool-*"):  # of servers killed with kill -9
@@ -66,16 +67,6 @@ class AudioKeeper:
         """Remove the spool folder (when it is this keeper's own, in memory)."""
         if self.tmp.name.startswith("stethoscope-spool-"):
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def spool(self, data: bytes) -> Path:
-        """Write an upload to a temporary file of its own, for the WAV reader (the caller
-        deletes it). In memory (``/dev/shm``) where there is one: spool files on the disk
-        get flushed by every commit's fsync (ext4 orders data before the journal), which
-        measured twice the scoring time under load."""
-        path = self.tmp / f"{uuid.uuid4().hex}.wav"
-        with open(path, "wb") as handle:
-            handle.write(data)
-        return path
 
     def keep(self, data: bytes) -> str | None:
         """Keep an upload's audio (written, flushed to disk, renamed into place); returns

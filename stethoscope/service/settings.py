@@ -46,6 +46,8 @@ class ServiceSettings:
     silent_after_s : a machine with no recording for this long is "silent".
     commit_batch : most results committed in one transaction (each still before its reply).
     access_log : log every request to stderr (never with its token).
+    scoring_processes : 0 scores on one thread of the server process; N > 0 in N worker
+        processes, each with its own copy of the models.
     """
 
     models_dir: Path
@@ -61,6 +63,7 @@ class ServiceSettings:
     silent_after_s: float = 900.0
     commit_batch: int = 256
     access_log: bool = False
+    scoring_processes: int = 0
 
     def __post_init__(self) -> None:
         self.models_dir = Path(self.models_dir)
@@ -75,6 +78,7 @@ class ServiceSettings:
         _check_range("--silent-after", self.silent_after_s, 1.0, 365 * 86400.0, "s")
         _check_range("--port", self.port, 0, 65535, "")
         _check_range("commit batch", self.commit_batch, 1, 10_000, "results")
+        _check_range("--scoring-processes", self.scoring_processes, 0, 64, "")
 
     @property
     def max_upload_bytes(self) -> int:
