@@ -467,23 +467,11 @@ def _print_choices(choices: list[dict]) -> None:
 
 
 def _evaluate_readable(det, data: list[str], report: Path | None) -> tuple[dict, list]:
-    """Evaluate every readable recording; the ones that cannot be scored are returned as
-    failed RecordingScores (found only when the fast path hits one of them)."""
-    from stethoscope.datasets import find_clips
-    from stethoscope.errors import AudioError, DataError
+    """Evaluate every readable recording; those that cannot be scored come back apart."""
     from stethoscope.evaluation import evaluate_detector
 
-    clips = find_clips(data)
-    try:
-        return evaluate_detector(det, clips, report_dir=report), []
-    except (AudioError, DataError):
-        results = det.score_recordings(clips, on_error="collect")
-        failed = [r for r in results if not r.ok]
-        if not failed or len(failed) == len(clips):
-            raise
-    bad = {r.path for r in failed}
-    readable = [c for c in clips if str(c.path) not in bad]
-    return evaluate_detector(det, readable, report_dir=report), failed
+    result = evaluate_detector(det, data, report_dir=report)
+    return result, result["errors"]
 
 
 # ----------------------------------------------------------------------------- demo

@@ -1,7 +1,6 @@
 """Detector: the scikit-learn estimator front door — fit on normal sounds, score, predict, save.
 
->>> import tempfile
->>> from stethoscope.simulate import simulate_dataset
+>>> >>> from stethoscope.simulate import simulate_dataset
 >>> root = simulate_dataset("valve", 8, 2, tempfile.mkdtemp(), seed=0, progress=False)
 >>> det = Detector(progress=False).fit(f"{root}/normal")
 >>> det.score_samples(f"{root}/abnormal").shape
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import nn
 
+from stethoscope.atomic import scratch_directory
 from stethoscope.audio import select_channels
 from stethoscope.compute import (
     PRECISIONS,
@@ -370,7 +369,7 @@ class Detector(BaseEstimator):
         """A temporary on-disk feature cache for large corpora when the user set none, so
         training memory stays flat in the number of clips (features are memory-mapped)."""
         if self.cache_dir is None and kind == "recordings" and len(X) > LARGE_CORPUS_CLIPS:
-            return tempfile.TemporaryDirectory(prefix="stethoscope-features-")
+            return scratch_directory("stethoscope-features-")  # named after this process
         return nullcontext(None)
 
     def _fit_corpus(self, corpus: Corpus, config: FeatureConfig,
@@ -746,7 +745,7 @@ def _from_config(cls, config: dict, state: dict, **reading) -> Detector:
               val_fraction=config["settings"].get("val_fraction", 0.1),
               model_params=dict(config["model_params"]), **reading)
     det.feature_config_ = features
-    det.input_shape_ = tuple(int(s) for s in config["input_shape"])
+    det.input_shape_ = _bounded_shape(config["input_shape"])
     det.model_params_ = dict(config["model_params"])
     det.model_ = registry.build(config["model"], det.input_shape_, **det.model_params_)
     det.model_.load_state_dict(state, strict=True)
@@ -763,6 +762,20 @@ def _from_config(cls, config: dict, state: dict, **reading) -> Detector:
     det.train_input_ = dict(config.get("train_input") or {})
     det.history_ = History.from_dict(config.get("history", {}))
     return det
+
+
+MAX_INPUT_SHAPE = (256, 1_024, 10_000_000)  # channels, mels, frames a model file may declare
+
+
+def _bounded_shape(shape) -> tuple[int, int, int]:
+    """A model file's input shape, refused beyond :data:`MAX_INPUT_SHAPE` before any model
+    is built from it (a model allocates its statistics from the shape)."""
+    values = tuple(int(s) for s in shape)
+    if len(values) != 3 or any(not 0 < v <= limit for v, limit in zip(values, MAX_INPUT_SHAPE,
+                                                                       strict=True)):
+        raise ValueError(f"input shape {list(shape)} is not (channels, mels, frames) within "
+                         f"{list(MAX_INPUT_SHAPE)}")
+    return values
 
 
 def _checked_rule(rule: str, what: str) -> str:

@@ -23,22 +23,43 @@ from stethoscope.report import write_evaluation_report
 
 def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Path | None = None,
                       title: str | None = None, extra_groups: dict | None = None) -> dict:
-    """Score labelled clips, compute the metrics, and optionally write the HTML report.
+    """Score labelled recordings, compute the metrics, and optionally write the HTML report.
 
-    Returns ``{"metrics", "scores", "labels", "clips"}``. ``extra_groups`` maps a name to
-    per-clip group values (e.g. simulated fault type) whose AUCs are added under
-    ``metrics["by_<name>"]``.
+    Every readable recording is scored; the ones that cannot be are left out of the metrics
+    and returned (and listed in the report) with their one-line errors.
+
+    Returns
+    -------
+    dict with ``"metrics"``, ``"scores"`` ``(N,)`` and ``"labels"`` ``(N,)`` of the scored
+    recordings, ``"clips"`` (those recordings), ``"recordings"`` (their
+    :class:`~stethoscope.scoring.RecordingScore`, windows included) and ``"errors"`` (the
+    RecordingScores of the recordings that could not be scored). ``extra_groups`` maps a
+    name to per-recording group values (e.g. simulated fault type, in the order of the
+    recordings found) whose AUCs are added under ``metrics["by_<name>"]``.
+
+    Raises
+    ------
+    DataError
+        when the inputs are not recordings, or the first error when none could be scored.
     """
     if input_kind(data) != "recordings":
         raise DataError("evaluation needs labelled recordings (MIMII or DCASE layout)")
-    clips = detector.featurizer().clips(data)
+    all_clips = detector.featurizer().clips(data)
+    results = detector.score_recordings(all_clips, on_error="collect")
+    scored = [i for i, r in enumerate(results) if r.ok]
+    failed = [r for r in results if not r.ok]
+    if not scored:
+        raise DataError(f"none of the {len(results)} recordings could be scored; the first: "
+                        f"{failed[0].error}")
+    clips = [all_clips[i] for i in scored]
+    recordings = [results[i] for i in scored]
     labels = labels_of(clips)
-    scores = detector.score_samples(clips)
+    scores = np.array([r.score for r in recordings], dtype=np.float64)
     sections, domains = groups_of(clips, "section"), groups_of(clips, "domain")
     metrics = evaluate(labels, scores, detector.threshold_.value_, sections=sections,
                        domains=domains)
     for name, values in (extra_groups or {}).items():
-        metrics[f"by_{name}"] = _group_aucs(labels, scores, np.asarray(values))
+        metrics[f"by_{name}"] = _group_aucs(labels, scores, np.asarray(values)[scored])
     if report_dir is not None:
         spectrogram = lru_cache(maxsize=None)(lambda i: _spectrogram(detector, clips[i]))
         write_evaluation_report(
@@ -47,8 +68,12 @@ def evaluate_detector(detector: Detector, data: Inputs, *, report_dir: str | Pat
             y_true=labels, sections=sections, domains=domains, metrics=metrics,
             history=detector.history_, spectrograms=spectrogram,
             error_maps=lambda i: _error_map(detector, spectrogram(i)),
-            model_description=detector.describe())
-    return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips}
+            model_description=detector.describe(), features=detector.feature_config_,
+            held_out_scores=detector.train_scores_,
+            timelines=[(r.path, r.windows) for r in recordings],
+            errors=[(r.path, r.error) for r in failed])
+    return {"metrics": metrics, "scores": scores, "labels": labels, "clips": clips,
+            "recordings": recordings, "errors": failed}
 
 
 def _group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dict:

@@ -39,6 +39,13 @@ CLIPS_PER_CHUNK = 16  # clips read and transformed together: bounds memory, keep
 MELS_PER_BLOCK = 8  # mel bands per dense block of the sparse filter bank (8: fastest measured)
 
 
+# What a model file or an option may ask for: generous for real use, small enough that no
+# settings file can make the process allocate gigabytes (a 1e9-mel bank, a 1e9-point FFT).
+LIMITS = {"sample_rate": 768_000, "n_fft": 65_536, "hop_length": 65_536, "n_mels": 1_024,
+          "frames": 10_000_000}
+MAX_WINDOW_S = 3_600.0
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that decides the features of a clip; saved with every model.
@@ -69,12 +76,9 @@ class FeatureConfig:
     pad_short: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive_int("sample_rate", self.sample_rate)
-        _check_positive_int("n_fft", self.n_fft)
-        _check_positive_int("hop_length", self.hop_length)
-        _check_positive_int("n_mels", self.n_mels)
-        if self.frames is not None:
-            _check_positive_int("frames", self.frames)
+        for name, limit in LIMITS.items():  # bounds before anything is allocated
+            if name != "frames" or self.frames is not None:
+                _check_positive_int(name, getattr(self, name), limit)
         nyquist = self.sample_rate / 2
         fmax = nyquist if self.fmax is None else self.fmax
         if not 0 <= self.fmin < fmax <= nyquist:
@@ -86,9 +90,9 @@ class FeatureConfig:
         for name in ("window_s", "window_hop_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and
-                                          math.isfinite(value) and value > 0):
-                raise ValueError(f"feature setting {name} must be a positive number of "
-                                 f"seconds, not {value!r}")
+                                          math.isfinite(value) and 0 < value <= MAX_WINDOW_S):
+                raise ValueError(f"feature setting {name} must be a number of seconds in "
+                                 f"(0, {MAX_WINDOW_S}], not {value!r}")
         if self.window_hop_s is not None and self.window_s is None:
             raise ValueError("feature setting window_hop_s needs window_s")
         object.__setattr__(self, "channels", parse_channels(self.channels))
@@ -113,9 +117,11 @@ class FeatureConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_positive_int(name: str, value) -> None:
+def _check_positive_int(name: str, value, limit: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
         raise ValueError(f"feature setting {name} must be a positive integer, not {value!r}")
+    if value > limit:
+        raise ValueError(f"feature setting {name} = {value} is beyond the limit of {limit}")
 
 
 def _reject_unknown_keys(data: dict) -> None:

@@ -175,6 +175,27 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, *, title: str | None = None
     return fig
 
 
+def plot_timeline(windows: Sequence[Any], threshold: float, *, title: str | None = None,
+                  ax: Axes | None = None) -> Figure:
+    """Window scores of one recording over time, the threshold line, and its anomalous
+    stretches shaded. ``windows``: objects with ``start_s``, ``end_s``, ``score`` and
+    ``anomalous`` (:class:`stethoscope.scoring.WindowScore`)."""
+    fig, ax = _figure_for(ax, width=9.0, height=2.8)
+    for w in windows:
+        if w.anomalous:
+            ax.axvspan(w.start_s, w.end_s, color=ANOMALOUS_COLOR, alpha=0.18, linewidth=0)
+    centres = [(w.start_s + w.end_s) / 2 for w in windows]
+    ax.plot(centres, [w.score for w in windows], marker="o", markersize=3, color="#333333",
+            linewidth=1, label="window score")
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlim(min(w.start_s for w in windows), max(w.end_s for w in windows))
+    ax.set_xlabel("time in the recording (s)")
+    ax.set_ylabel("score")
+    ax.set_title(title or "Scores along the recording", fontsize=PANEL_TITLE_SIZE)
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
 # ---- Spectrograms --------------------------------------------------------------------
 
 

@@ -321,6 +321,8 @@ def write_evaluation_report(
     n_top: int = 3,
     features: SpectrogramAxes | None = None,
     held_out_scores: Any | None = None,
+    timelines: Sequence[tuple[Any, Sequence[Any]]] | None = None,
+    errors: Sequence[tuple[Any, str]] | None = None,
 ) -> Path:
     """Write the detector's evaluation report folder and return its path.
 
@@ -339,7 +341,10 @@ def write_evaluation_report(
     the ``n_top`` highest-scoring clips' error maps are drawn. ``features`` (the model's
     FeatureConfig) puts those figures' axes in seconds and Hz. ``held_out_scores``: the
     normal scores the threshold was fitted on (``Detector.train_scores_``); with them the
-    report compares other threshold rules on the same clips.
+    report compares other threshold rules on the same clips. ``timelines``: ``(name,
+    windows)`` of recordings scored in several windows (:class:`~stethoscope.scoring.WindowScore`);
+    the highest-scoring ones are drawn as timelines with their anomalous stretches marked.
+    ``errors``: ``(name, one-line error)`` of recordings that could not be scored, listed.
 
     The folder is a stethoscope ``report`` artefact: an existing ``directory`` is replaced
     only when it is an empty folder or such a report (OutputError otherwise).
@@ -402,6 +407,11 @@ def write_evaluation_report(
                        "measures.")
         _add_clip_figures(report, figure, scores, labels, names, spectrograms, error_maps,
                           n_examples, n_top, features)
+        _add_timelines(report, figure, timelines or [], threshold.value_, n_top)
+        if errors:
+            report.add_heading("Recordings that could not be scored")
+            report.add_table([{"recording": str(name), "problem": problem}
+                              for name, problem in errors])
         _add_top_clips_table(report, scores, predictions, labels, names, n_top=10)
 
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_clean({
@@ -526,6 +536,23 @@ def _add_metric_tables(report: Report, metrics: Mapping[str, Any], metrics_modul
                             "h-mean AUC (source)": d["hmean_auc_source"],
                             "h-mean AUC (target)": d["hmean_auc_target"],
                             "h-mean pAUC": d["hmean_pauc"]}, caption="DCASE ranking score")
+
+
+def _add_timelines(report: Report, figure: Callable[[Figure, str, str], None],
+                   timelines: Sequence[tuple[Any, Sequence[Any]]], threshold: float,
+                   n_top: int) -> None:
+    """Timelines of the highest-scoring recordings that have several windows."""
+    long = [(name, windows) for name, windows in timelines if len(windows) > 1]
+    if not long:
+        return
+    long.sort(key=lambda item: -max(w.score for w in item[1]))
+    report.add_heading("Where along the recordings they sound wrong")
+    for k, (name, windows) in enumerate(long[:n_top]):
+        bad = sum(w.anomalous for w in windows)
+        figure(plots.plot_timeline(windows, threshold, title=f"{_short(name)}: {bad} of "
+                                   f"{len(windows)} windows anomalous"), f"timeline_{k}",
+               "Score of every window along the recording; shaded: windows above the "
+               "threshold (dashed).")
 
 
 def _add_clip_figures(report: Report, figure: Callable[[Figure, str, str], None],

@@ -3,8 +3,8 @@
 Each test reproduces the defect as a new user met it: through the CLI's ``main`` (what the
 ``stethoscope`` command runs; an exception that escapes it is the traceback a user saw),
 through ``python -m stethoscope`` in a subprocess where the process itself matters (memory
-limits, pipes, mounts, kills), or through the public API. Every test failed on the code at commit 710445c and passes now, except those
-marked ``xfail`` (their fix belongs to the Detector/featurizer refactor; see the reasons).
+limits, pipes, mounts, kills), or through the public API. Every test failed on the code at
+commit 710445c and passes now.
 """
 
 from __future__ import annotations
@@ -406,8 +406,6 @@ def bounded(sim, model, tmp_path_factory) -> dict:
     return {name: (Run(**results[name]), path) for name, (_, path) in cases.items()}
 
 
-@pytest.mark.xfail(reason="waiting: FeatureConfig bounds (n_mels, n_fft) in features.py, "
-                          "the Detector refactor's lane", strict=False)
 @pytest.mark.parametrize("field", ["n_mels", "n_fft"])
 def test_5_a_config_declaring_huge_features_is_refused_before_allocating(bounded, field):
     result, _ = bounded[field]
@@ -697,8 +695,6 @@ def test_8_a_killed_report_leaves_nothing_after_the_next_run(steth, tmp_path, si
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
 
 
-@pytest.mark.xfail(reason="waiting: Detector's scratch feature cache should come from "
-                          "stethoscope.atomic.scratch_directory (pid in its name)", strict=False)
 def test_8_scratch_feature_folders_of_a_killed_training_are_cleaned(tmp_path, sim):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -204,15 +204,15 @@ class ClipStatsGaussian(AnomalyModel):
         self.experts = experts
         self.combine = combine
         self.hparams = {"experts": list(experts), "combine": combine}
-        self._state: dict[str, np.ndarray] = {}
+        # what fit or load_state_dict fills (shapes only: nothing is allocated before)
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for name in experts:
             dim = expert_dim(name, channels, mels, frames)
-            self._state[f"{name}_mean"] = np.zeros(dim)
-            self._state[f"{name}_precision"] = np.zeros((dim, dim))
-            self._state[f"{name}_scale"] = np.array([0.0, 1.0])
+            self._shapes.update({f"{name}_mean": (dim,), f"{name}_precision": (dim, dim),
+                                 f"{name}_scale": (2,)})
         # per-mel level of normal frames, for the report's "where does it deviate" map
-        self._state["frame_mean"] = np.zeros((channels, mels, 1), dtype=np.float32)
-        self._state["frame_std"] = np.ones((channels, mels, 1), dtype=np.float32)
+        self._shapes.update(frame_mean=(channels, mels, 1), frame_std=(channels, mels, 1))
+        self._state: dict[str, np.ndarray] = {}
         self._held_out: np.ndarray | None = None
 
     def __getattr__(self, name: str) -> np.ndarray:
@@ -280,6 +280,8 @@ class ClipStatsGaussian(AnomalyModel):
                 self.input_shape[2]):
             raise DataError(f"clips of {spec.shape[3]} frames are too short for the rhythm "
                             f"statistics of a model trained on {self.input_shape[2]} frames")
+        if not self._state:
+            raise RuntimeError("clip-stats is not fitted; call fit() or load_state_dict()")
 
     def expert_scores(self, batch) -> np.ndarray:
         """z-scored Mahalanobis distance of each clip per expert, ``(B, E)``."""
@@ -309,10 +311,10 @@ class ClipStatsGaussian(AnomalyModel):
                 for key, value in self._state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        check_state(state, {key: value.shape for key, value in self._state.items()},
-                    "clip-stats")
-        for key, value in self._state.items():
-            self._state[key] = state[key].numpy().astype(value.dtype, copy=True)
+        check_state(state, self._shapes, "clip-stats")
+        self._state = {key: state[key].numpy().astype(
+            np.float32 if key.startswith("frame_") else np.float64, copy=True)
+            for key in self._shapes}
         self._held_out = None
 
 
