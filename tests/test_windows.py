@@ -87,3 +87,26 @@ def test_a_clip_shorter_than_the_window_is_an_error_naming_it_unless_padded(
     det_pad = Detector(features={"pad_short": True}, progress=False).fit(folder / "train")
     [ok] = det_pad.score_recordings([short])
     assert ok.ok and len(ok.windows) == 1
+
+
+def test_the_evaluation_report_draws_timelines_of_long_recordings(valve_detector, tmp_path):
+    from stethoscope.evaluation import evaluate_detector
+
+    det, folder = valve_detector
+    clips = find_clips(folder / "test")
+    labels = labels_of(clips)
+    normal = [c for c, y in zip(clips, labels, strict=True) if y == 0][:6]
+    anomalous = [c for c, y in zip(clips, labels, strict=True) if y == 1][:3]
+    layout = tmp_path / "valve" / "id_00"
+    for name, parts in (("normal", normal[:3]), ("normal", normal[3:6]),
+                        ("abnormal", [normal[0], *anomalous[:2]])):
+        out = layout / name
+        out.mkdir(parents=True, exist_ok=True)
+        index = len(list(out.glob("*.wav")))
+        waves = [sf.read(str(c.path), dtype="int16")[0] for c in parts]
+        sf.write(str(out / f"{index:08d}.wav"), np.concatenate(waves), 16000, subtype="PCM_16")
+    result = evaluate_detector(det, layout, report_dir=tmp_path / "report")
+    assert [len(r.windows) for r in result["recordings"]] == [3, 3, 3]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Where along the recordings" in page
+    assert (tmp_path / "report" / "figures" / "timeline_0.png").stat().st_size > 5_000
