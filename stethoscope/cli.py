@@ -299,6 +299,18 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="training precision; bf16/auto: bf16 autocast where the CPU or GPU "
                         "has it (default: the model's: auto for seed-conv-ae, else fp32)")
     _channels_option(p, scoring=False)
+    p.add_argument("--window", type=_seconds, default=None, metavar="SECONDS",
+                   help="cut recordings into windows of this length, e.g. 10s (default: the "
+                        "shortest training recording)")
+    p.add_argument("--hop", type=_seconds, default=None, metavar="SECONDS",
+                   help="seconds between window starts, e.g. 5s (default: the window, back "
+                        "to back)")
+    p.add_argument("--pad", action="store_true",
+                   help="pad recordings shorter than a window with silence instead of "
+                        "refusing them")
+    p.add_argument("--window-pooling", default="max",
+                   help="how a recording's window scores become its score: max, mean, "
+                        "median, topk:0.1 or p95")
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="memory-mapped feature cache folder, so repeat runs skip the WAVs "
                         "(default: none)")
@@ -321,6 +333,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     features: dict[str, Any] = {"resample": True} if args.resample else {}
     if args.channels is not None:
         features["channels"] = args.channels
+    window = {"window_s": args.window or None, "window_hop_s": args.hop or None,
+              "pad_short": args.pad or None}
+    features.update({k: v for k, v in window.items() if v is not None})
+    check_pooling_rule(args.window_pooling)
     from stethoscope import distributed
 
     # Under torchrun (its environment variables set) this process is one rank of DDP
@@ -328,7 +344,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # is None and training runs here alone (stethoscope.distributed).
     with distributed.process_group(args.device) as rank:
         det = Detector(model, features=features, threshold=args.threshold,
-                       pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size,
+                       pooling=args.pooling, window_pooling=args.window_pooling,
+                       epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, device=rank.device if rank else args.device,
                        precision=args.precision, cache_dir=args.cache,
                        progress=False if rank and not rank.is_main else None)
@@ -337,11 +354,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return EXIT_OK
         det.save(args.out)
     if args.json:
-        _print_json({"model": det.model, "out": args.out, "clips": int(det.train_scores_.size),
+        _print_json({"model": det.model, "out": args.out,
+                     "recordings": det.train_input_["recordings"],
+                     "windows": det.train_input_["windows"],
+                     "window_s": det.feature_config_.window_s,
                      "threshold": _threshold_json(det.threshold_),
                      "threshold_source": getattr(det, "threshold_source_", None)})
     else:
-        print(f"trained {det.model} on {det.train_scores_.size} clips; "
+        windows = det.train_input_["windows"]
+        print(f"trained {det.model} on {det.train_input_['recordings']} recordings "
+              f"({windows} windows); "
               f"threshold {det.threshold_.describe()}")
         print(f"model written to {args.out}")
     return EXIT_OK

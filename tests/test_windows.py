@@ -110,3 +110,31 @@ def test_the_evaluation_report_draws_timelines_of_long_recordings(valve_detector
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Where along the recordings" in page
     assert (tmp_path / "report" / "figures" / "timeline_0.png").stat().st_size > 5_000
+
+
+def test_cli_trains_with_window_and_hop_and_score_json_lists_the_windows(valve_detector, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    _, folder = valve_detector
+    wave, rate = sf.read(str(sorted((folder / "train").glob("*.wav"))[0]), dtype="int16")
+    data = tmp_path / "long"
+    data.mkdir()
+    for k in range(4):
+        sf.write(str(data / f"{k}.wav"), np.concatenate([wave, wave, wave]), rate,
+                 subtype="PCM_16")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "stethoscope", *args], capture_output=True,
+                              text=True, cwd=tmp_path)
+
+    trained = run("train", str(data), "--out", "m", "--window", "10s", "--hop", "5s", "--json")
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    assert summary["recordings"] == 4 and summary["windows"] == 4 * 5
+    assert summary["window_s"] == 10.0
+    scored = run("score", "m", str(data / "0.wav"), "--json")
+    assert scored.returncode in (0, 1), scored.stderr
+    [clip] = json.loads(scored.stdout)["clips"]
+    assert [w["start_s"] for w in clip["windows"]] == [0.0, 5.0, 10.0, 15.0, 20.0]
