@@ -502,15 +502,17 @@ class Detector(BaseEstimator):
         windows: dict[int, list[tuple[int, float]]] = {}
         errors: dict[int, Exception] = {}
         clips: list[Clip] = []
+        headers = []
         for piece in featurizer.iter_transform(X, on_error=on_error):
             clips = piece.recordings
             errors.update(piece.errors)
+            headers += [plan.info for plan in piece.plans]
             if len(piece):
                 self._check_shape(piece.specs, piece.source)
                 for owner, start, score in zip(piece.owner, piece.start,
                                                self.score_features(piece.specs), strict=True):
                     windows.setdefault(int(owner), []).append((int(start), float(score)))
-        self._warn_about_inputs(featurizer, clips)
+        self._warn_about_inputs(featurizer, headers)
         return [self._result(clips[i], windows.get(i), errors.get(i), on_error)
                 for i in range(len(clips))]
 
@@ -544,22 +546,14 @@ class Detector(BaseEstimator):
             return float(cfg.window_s)
         return max(self.input_shape_[2] - 1, 0) * cfg.hop_length / cfg.sample_rate
 
-    def _warn_about_inputs(self, featurizer: Featurizer, clips: list[Clip]) -> None:
+    def _warn_about_inputs(self, featurizer: Featurizer, headers: list) -> None:
         """One warning (stderr, via logging) when inputs differ from the training ones in
         channels or sample rate; scores of such inputs may not mean what they should."""
         trained = getattr(self, "train_input_", {})
-        if trained.get("kind") != "recordings" or not clips:
+        if trained.get("kind") != "recordings" or not headers:
             return
-        from stethoscope.audio import audio_info
-
-        seen_channels, seen_rates = set(), set()
-        for clip in clips[:64]:  # headers only; a sample of a large folder is enough
-            try:
-                header = audio_info(clip.path)
-            except StethoscopeError:
-                continue
-            seen_channels.add(header.channels)
-            seen_rates.add(header.sample_rate)
+        seen_channels = {h.channels for h in headers}
+        seen_rates = {h.sample_rate for h in headers}
         if seen_channels - set(trained.get("channels", [])):
             log.warning("recordings with %s channel(s) scored by a model trained on "
                         "recordings with %s (using channel choice %r)",

@@ -664,6 +664,14 @@ def iter_window_chunks(plans: Sequence[RecordingPlan], config: FeatureConfig, *,
     if not chunks:
         return
     module = _logmel_module(config)
+    if len(chunks) == 1:  # nothing to read ahead: a reader thread would cost 2 ms per call
+        waves = _read_job_chunk(plans, chunks[0], config, on_error, errors)
+        kept = [(job, wave) for job, wave in zip(chunks[0], waves, strict=True)
+                if wave is not None and job[0] not in errors]
+        chunk = _transform_jobs(plans, kept, config, module, on_error, errors)
+        if chunk is not None:
+            yield chunk
+        return
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(_read_job_chunk, plans, chunks[0], config, on_error, errors)
         for index in range(len(chunks)):
@@ -895,7 +903,8 @@ class Corpus:
     index of each row's input (recording, or row of an array); ``start``: ``(N,)`` each
     window's start in model-rate samples; ``recordings``: the clips the rows came from (None
     for arrays); ``errors``: input index → the error that kept it out; ``source``: a name
-    for messages; ``n_inputs``: how many inputs (recordings or array rows) were given.
+    for messages; ``n_inputs``: how many inputs (recordings or array rows) were given;
+    ``plans``: the window plans (headers) of the recordings this piece read, if any.
     """
 
     specs: np.ndarray
@@ -905,6 +914,7 @@ class Corpus:
     errors: dict[int, Exception]
     source: str
     n_inputs: int
+    plans: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -1005,7 +1015,7 @@ class Featurizer:
                                   progress=progress_enabled(self.progress))
         owner = np.concatenate([np.full(len(p.starts), i) for i, p in enumerate(plans)])
         start = np.concatenate([np.asarray(p.starts, dtype=np.int64) for p in plans])
-        return Corpus(specs, owner, start, clips, {}, _source_of(clips), len(clips))
+        return Corpus(specs, owner, start, clips, {}, _source_of(clips), len(clips), plans)
 
     def iter_transform(self, X, *, chunk_recordings: int = 64, chunk_windows: int = 64,
                        on_error: str = "raise") -> Iterator[Corpus]:
@@ -1034,10 +1044,10 @@ class Featurizer:
             local: dict[int, Exception] = {}
             pieces = iter_window_chunks(plans, self.config, chunk_windows=chunk_windows,
                                         on_error=on_error, errors=local)
-            for piece in pieces:
+            for k, piece in enumerate(pieces):
                 owner = np.asarray(index)[piece.owner]
                 yield Corpus(piece.specs, owner, piece.start, clips, {}, _source_of(part),
-                             len(clips))
+                             len(clips), plans if k == 0 else [])
             errors.update({index[i]: err for i, err in local.items()})
             if errors:
                 empty = np.zeros((0, *self._row_shape()), dtype=np.float32)
