@@ -482,9 +482,10 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
              "Lost/duplicated/mismatched: every 2xx-acknowledged result looked up in the "
              "store afterwards. Latency: client-side, request sent to reply read, "
              "acknowledged uploads not retried. Clients and server share the machine's "
-             "cores. Server CPU ms/clip: the server process's user + system CPU time (all "
-             "threads) over the sustained phase divided by the clips it acknowledged; it "
-             "does not depend on how busy the machine is the way clips/s does. Rows without "
+             "cores. Server CPU ms/clip: user + system CPU time of the server process and its "
+             "scoring workers (all threads) over the sustained phase, divided by the clips "
+             "acknowledged (PostgreSQL's own work runs in its processes and is not counted); "
+             "it moves less with the machine's other load than clips/s does. Rows without "
              "a note ran the default server (`--scoring-processes auto`: two scoring worker "
              "processes on this machine).", "", table, ""]
     for r in rows:
@@ -492,10 +493,12 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
         if b:
             lines += [f"Where the time went ({r['store']}, sustained, means from the "
                       f"server's /metrics): decode + score {b['score_ms']:.2f} ms per upload "
-                      f"on a scoring worker; a commit took {b['commit_ms']:.2f} ms for "
+                      f"on {'the scoring thread' if 'thread' in r['store'] else 'a scoring worker'}"
+                      f"; a commit took {b['commit_ms']:.2f} ms for "
                       f"{b['batch']:.1f} results on average (group commit); an upload spent "
                       f"{b['request_ms']:.1f} ms in the server, most of it waiting its turn "
-                      f"for a scoring worker behind the other clients' uploads.", ""]
+                      f"for {'the scoring thread' if 'thread' in r['store'] else 'a worker'} "
+                      "behind the other clients' uploads.", ""]
     if paint is not None:
         lines += [f"Dashboard first paint: 50 machines, a day of history "
                   f"({paint['results']:,} results, {args.per_minute} a minute each), the "
@@ -505,7 +508,12 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
                   f"response complete at {paint['response_ms']:.0f} ms, "
                   f"{paint['kb']:.0f} kB); target ≤ 1000 ms "
                   f"{'✓' if paint['fcp_ms'] <= 1000 else '✗'}.", ""]
-    lines += [f"Load on the machine during the run: {load}.", "",
+    lines += [f"Load on the machine during the run: {load}. The machine is shared with "
+              "other jobs: on the day these figures were taken, repeated runs moved by about "
+              "a quarter in clips/s and more in p99 latency as that load came and went (at "
+              "load averages of 8-11, before `--scoring-processes auto` became the default, "
+              "the one-thread server measured 98-140 clips/s with p99 264-480 ms on SQLite).",
+              "",
               machine_line(), "",
               f"Command: `{shown_command('service_load.py', args.argv)}`"]
     return "\n".join(lines)
