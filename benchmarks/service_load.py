@@ -510,9 +510,10 @@ def report(rows: list[dict], paint: dict | None, args, source: str, load: str) -
                   f"{'✓' if paint['fcp_ms'] <= 1000 else '✗'}.", ""]
     lines += [f"Load on the machine during the run: {load}. The machine is shared with "
               "other jobs: on the day these figures were taken, repeated runs moved by about "
-              "a quarter in clips/s and more in p99 latency as that load came and went (at "
-              "load averages of 8-11, before `--scoring-processes auto` became the default, "
-              "the one-thread server measured 98-140 clips/s with p99 264-480 ms on SQLite).",
+              "a quarter in clips/s and more in p99 latency as that load came and went "
+              "(earlier full runs at 1-minute load averages of 4-11, before "
+              "`--scoring-processes auto` became the default: the one-thread server measured "
+              "98-140 clips/s with p99 264-480 ms on SQLite).",
               "",
               machine_line(), "",
               f"Command: `{shown_command('service_load.py', args.argv)}`"]
