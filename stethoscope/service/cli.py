@@ -64,7 +64,7 @@ def add_commands(sub) -> None:
 
 
 def _processes(value: str) -> int:
-    """``auto``: two scoring processes where there are two cores for them (measured: 1.3×
+    """``auto``: two scoring processes where there are two cores for them (measured: 1.1-1.3×
     the clips/s of one thread and a lower p99 at 20 clients, docs/benchmarks.md)."""
     if value == "auto":
         return 2 if (os.cpu_count() or 1) >= 2 else 0
