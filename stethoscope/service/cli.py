@@ -30,7 +30,9 @@ def add_commands(sub) -> None:
     p.add_argument("--models", type=Path, required=True, metavar="DIR",
                    help="one model folder per machine: DIR/<machine>/config.json")
     _store_args(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; beyond 127.0.0.1 only once a token exists "
+                        "(default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="0: any free port (printed)")
     p.add_argument("--keep-audio", type=float, default=0.0, metavar="DAYS",
                    help="keep uploads this many days for their images (0-365; default 0)")
