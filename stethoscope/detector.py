@@ -1,6 +1,7 @@
 """Detector: the scikit-learn estimator front door — fit on normal sounds, score, predict, save.
 
->>> >>> from stethoscope.simulate import simulate_dataset
+>>> import tempfile
+>>> from stethoscope.simulate import simulate_dataset
 >>> root = simulate_dataset("valve", 8, 2, tempfile.mkdtemp(), seed=0, progress=False)
 >>> det = Detector(progress=False).fit(f"{root}/normal")
 >>> det.score_samples(f"{root}/abnormal").shape
