@@ -43,3 +43,27 @@ def mnist_npz() -> Path:
 def _few_threads(monkeypatch):
     """Keep tests off each other's cores and quiet: no progress bars in test output."""
     monkeypatch.setenv("STETHOSCOPE_PROGRESS", "0")
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def headless_chromium(profile: Path, window: str):
+    """Debian's Chromium through Selenium 4, headless, with a fresh profile and no
+    background networking (the machine has none); skips clearly when it is not installed."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("headless Chromium is not installed (/usr/bin/chromium, "
+                    "/usr/bin/chromedriver: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", f"--user-data-dir={profile}", f"--window-size={window}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                              options=options)
+    driver.set_page_load_timeout(30)
+    return driver

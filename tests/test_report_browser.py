@@ -11,27 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+from tests.conftest import headless_chromium
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts" / "reports"
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (CHROMIUM.exists() and DRIVER.exists()):
-        pytest.skip("headless Chromium is not installed (/usr/bin/chromium, "
-                    "/usr/bin/chromedriver: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tmp_path_factory.mktemp("profile")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1100,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
-    driver.set_page_load_timeout(30)
+    driver = headless_chromium(tmp_path_factory.mktemp("profile"), "1100,1000")
     yield driver
     driver.quit()
 

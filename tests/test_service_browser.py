@@ -22,31 +22,19 @@ from test_service_support import (  # noqa: F401 - fixtures
 )
 
 from stethoscope.service import create_app
+from tests.conftest import headless_chromium
 
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts" / "service"
 V1, V2 = MACHINES
 LIVE_WITHIN_S = 2.0
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+
+By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 
 
 @pytest.fixture
 def browser(tmp_path):
-    if not (CHROMIUM.exists() and DRIVER.exists()):
-        pytest.skip("headless Chromium is not installed (/usr/bin/chromium, "
-                    "/usr/bin/chromedriver: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1280,1500"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
-    driver.set_page_load_timeout(30)
+    driver = headless_chromium(tmp_path / "profile", "1280,1500")
     yield driver
     driver.quit()
 
