@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+from stethoscope.atomic import pid_alive
+
 log = logging.getLogger("stethoscope.service")
 AUDIO_KEY = re.compile(r"[0-9a-f]{32}")
 
@@ -24,22 +26,12 @@ def spool_folder(folder: Path) -> Path:
     if shm.is_dir() and os.access(shm, os.W_OK):
         for old in shm.glob("stethoscope-spool-*"):  # of servers killed with kill -9
             pid = old.name.split("-")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"stethoscope-spool-{os.getpid()}-", dir=shm))
     local = folder / "tmp"
     local.mkdir(parents=True, exist_ok=True)
     return local
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class AudioKeeper:
