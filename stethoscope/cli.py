@@ -174,9 +174,10 @@ def _channels_option(p: argparse.ArgumentParser, scoring: bool) -> None:
 
 
 def _threshold_option(p: argparse.ArgumentParser, default: str | None) -> None:
-    rules = ("mean+2std, mean+3std, pQ (e.g. p99), gamma:Q (e.g. gamma:0.9), fpr:RATE (the "
-             "threshold with that false-alarm rate on the model's held-out normal scores, "
-             "e.g. fpr:0.01) or value:X")
+    rules = ("gumbel:RATE (a Gumbel law fitted to the held-out normal scores, cut at that "
+             "false-alarm rate), mean+2std, mean+3std, pQ (e.g. p99), gamma:Q (e.g. "
+             "gamma:0.9), fpr:RATE (the threshold with that false-alarm rate on the model's "
+             "held-out normal scores, e.g. fpr:0.01) or value:X")
     if default is None:
         p.add_argument("--threshold", default=None, metavar="RULE",
                        help=f"decision rule refitted on the model's held-out normal scores, "

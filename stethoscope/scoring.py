@@ -19,9 +19,11 @@ import scipy.stats
 from stethoscope.errors import DataError
 
 POOLING_RULES = ("mean", "max", "topk:R", "pNN", "median")
-THRESHOLD_RULES = ("meanstd", "percentile", "gamma", "fpr", "fixed")
-THRESHOLD_SPECS = ("mean+2std", "mean+3std", "p99", "gamma:0.9", "fpr:0.01", "value:12.5")
-DEFAULT_Q = {"percentile": 95.0, "gamma": 0.9, "fpr": 0.05}
+THRESHOLD_RULES = ("meanstd", "percentile", "gamma", "fpr", "gumbel", "fixed")
+THRESHOLD_SPECS = ("gumbel:0.03", "mean+2std", "mean+3std", "p99", "gamma:0.9", "fpr:0.01",
+                   "value:12.5")
+DEFAULT_Q = {"percentile": 95.0, "gamma": 0.9, "fpr": 0.05, "gumbel": 0.03}
+EULER_GAMMA = 0.5772156649015329
 
 
 # ---- pooling --------------------------------------------------------------------------
@@ -129,7 +131,10 @@ class Threshold:
     (the q-th percentile, q in [0, 100], default 95), ``"gamma"`` (DCASE 2023 baseline:
     ``scipy.stats.gamma.fit`` then ``gamma.ppf(q)``, q in (0, 1), default 0.9), ``"fpr"``
     (the lowest threshold that flags at most a fraction q of the normal scores, q in
-    (0, 1), default 0.05: a target false-alarm rate) and ``"fixed"`` (``value`` as given).
+    (0, 1), default 0.05: a target false-alarm rate), ``"gumbel"`` (the ``1 - q`` quantile
+    of a Gumbel law fitted to the normal scores by moments, q in (0, 1), default 0.03: a
+    target false-alarm rate that also holds from 10 clips, where no empirical 97 % quantile
+    exists; the default rule, see :func:`gumbel_threshold`) and ``"fixed"`` (``value``).
     A clip is anomalous when its score > ``value_``.
 
     ``q=None`` means the rule's default (:attr:`quantile` gives the value in force); it
@@ -156,7 +161,7 @@ class Threshold:
         q = self.quantile
         if self.rule == "percentile" and not 0 <= q <= 100:
             raise ValueError(f"percentile q must be in [0, 100], not {q}")
-        if self.rule in ("gamma", "fpr") and not 0 < q < 1:
+        if self.rule in ("gamma", "fpr", "gumbel") and not 0 < q < 1:
             raise ValueError(f"{self.rule} q must be in (0, 1), not {q}")
         if self.rule == "fixed":
             if self.value is None or not _finite(self.value):
@@ -187,6 +192,8 @@ class Threshold:
             value = self._fit_gamma(scores, stats)
         elif self.rule == "fpr":
             value = false_alarm_threshold(scores, self.quantile)
+        elif self.rule == "gumbel":
+            value = gumbel_threshold(scores, self.quantile)
         else:
             value = float(self.value)
         if not math.isfinite(value):
@@ -248,7 +255,7 @@ class Threshold:
             return f"mean+{self.k:g}std"
         if self.rule == "percentile":
             return f"p{self.quantile:g}"
-        if self.rule in ("gamma", "fpr"):
+        if self.rule in ("gamma", "fpr", "gumbel"):
             return self.rule if self.q is None else f"{self.rule}:{self.q:g}"
         return f"value:{self.value:g}"
 
@@ -266,6 +273,9 @@ class Threshold:
                     f"= {value}")
         if self.rule == "fpr":
             return f"{self.quantile:.3g} false-alarm rate on {source} = {value}"
+        if self.rule == "gumbel":
+            return (f"{self.quantile:.3g} false-alarm rate of a Gumbel law fitted to {source} "
+                    f"= {value}")
         return f"fixed value = {value}"
 
 
@@ -279,6 +289,23 @@ def false_alarm_threshold(normal_scores: Any, rate: float) -> float:
     scores = np.sort(_checked_scores(normal_scores, minimum=1, what="false-alarm threshold"))
     allowed = math.floor(rate * scores.size + 1e-9)  # clips that may lie above
     return float(scores[max(scores.size - 1 - allowed, 0)])
+
+
+def gumbel_threshold(normal_scores: Any, rate: float) -> float:
+    """The ``1 - rate`` quantile of a Gumbel (type-I extreme-value) law fitted to normal
+    scores by the method of moments (scale ``b = s·√6/π``, location ``m - 0.5772·b``).
+
+    Why Gumbel: the default model's score is a maximum of z-scores of right-skewed
+    distances, the extreme-value law of such maxima; two moments are stable from 10 clips.
+    Measured on the real suite sets (docs/quality.md) at ``rate = 0.03``.
+
+    >>> round(gumbel_threshold([0.0, 1.0, 2.0, 3.0], 0.03), 3)
+    4.433
+    """
+    scores = _checked_scores(normal_scores, minimum=2, what="Gumbel threshold")
+    scale = scores.std(ddof=1) * math.sqrt(6.0) / math.pi
+    location = scores.mean() - EULER_GAMMA * scale
+    return float(location - scale * math.log(-math.log1p(-rate)))
 
 
 def _finite(value: Any) -> bool:
@@ -299,9 +326,9 @@ def parse_threshold(spec: str) -> Threshold:
             return Threshold("meanstd", k=float(match.group(1)))
         if re.fullmatch(r"p[0-9]*\.?[0-9]+", text):
             return Threshold("percentile", q=float(text[1:]))
-        if text in ("gamma", "fpr"):
+        if text in ("gamma", "fpr", "gumbel"):
             return Threshold(text)
-        if text.startswith(("gamma:", "fpr:")):
+        if text.startswith(("gamma:", "fpr:", "gumbel:")):
             rule, _, q = text.partition(":")
             return Threshold(rule, q=float(q))
         if text.startswith(("value:", "fixed:")):
@@ -309,7 +336,7 @@ def parse_threshold(spec: str) -> Threshold:
     except ValueError as err:
         raise ValueError(f"bad threshold {spec!r}: {err}") from None
     raise ValueError(f"unknown threshold {spec!r}; use one of: {', '.join(THRESHOLD_SPECS)} "
-                     "(mean+Kstd, pQ, gamma[:Q], fpr:RATE, value:V)")
+                     "(mean+Kstd, pQ, gamma[:Q], fpr:RATE, gumbel:RATE, value:V)")
 
 
 # ---- results of scoring recordings -----------------------------------------------------

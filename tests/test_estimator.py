@@ -153,6 +153,7 @@ def _corpus(shape: tuple[int, int, int], n: int = 12, seed: int = 0) -> np.ndarr
 
 
 SHAPES = {"seed-conv-ae": (1, 16, 32), "dcase-ae": (1, 16, 20), "idnn": (1, 16, 20),
+          "clip-ensemble": (1, 16, 40),
           "frame-knn": (1, 16, 20), "clip-stats": (1, 16, 20), "clip-stats-rhythm": (1, 16, 40)}
 
 

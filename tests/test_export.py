@@ -70,9 +70,15 @@ def first_window(path: Path, samples: int) -> np.ndarray:
     return np.ascontiguousarray(wave.T[:, :samples])
 
 
-def test_every_registered_anomaly_model_is_exportable():
+NOT_YET_EXPORTABLE = {"clip-ensemble"}  # added after the exporter; no ONNX recipe written yet
+
+
+def test_every_registered_anomaly_model_is_exportable_or_says_why_not():
     assert set(export_support()) == set(registry.names())
-    assert exportable() == registry.names(), export_support()
+    assert exportable() == [n for n in registry.names() if n not in NOT_YET_EXPORTABLE], \
+        export_support()
+    for name in NOT_YET_EXPORTABLE:
+        assert "no ONNX recipe yet" in export_support()[name]
 
 
 @pytest.mark.parametrize("name", exportable())

@@ -1,6 +1,7 @@
 """Model families; importing this package registers every built-in model by name."""
 
 from stethoscope.models import (  # noqa: F401  (registers the models)
+    clip_ensemble,
     clip_stats,
     dcase_ae,
     frame_knn,
