@@ -723,7 +723,7 @@ def subset_table(splits: list[Split], subsets: dict, labels: list[str], new_labe
     size_text = " / ".join(str(n) for n in sizes)
     head = ["set"] + [f"{x}: AUC @ {size_text}" for x in labels]
     if new_label:
-        head += [f"new @{n}: FPR / recall / TPR@{PROMISED_RATE:.0%}" for n in sizes]
+        head += [f"{new_label} @{n}: FPR / recall / TPR@{PROMISED_RATE:.0%}" for n in sizes]
 
     def mean_of(runs, key):
         return average([r[key] for r in runs]) if runs else None
@@ -855,7 +855,10 @@ def main(argv: list[str] | None = None) -> int:
                   "the flattened log features of the feature arrays, PyOD's defaults. "
                   if any(isinstance(s, PyodPeer) for s in systems) else "") +
                  (f"`{NEW_METHOD_MODEL} (new)`: imported from {NEW_METHOD_FILE} until it is "
-                  "registered. " if any(s.kind == "new" for s in systems) else "") +
+                  "registered. " if any(isinstance(s, ScratchNewMethod) for s in systems) else
+                  f"`{NEW_METHOD_MODEL}` (the new default): the registered model with "
+                  f"`threshold=\"gumbel:{PROMISED_RATE:g}\"`. "
+                  if any(s.kind == "new" for s in systems) else "") +
                  f"Whole run: {elapsed / 60:.1f} min.")
         section = args.section or ("quality-suite" if args.suite
                                    else f"quality-{args.data.name}")
