@@ -25,7 +25,6 @@ from sklearn.base import BaseEstimator
 from torch import nn
 
 from stethoscope.atomic import scratch_directory
-from stethoscope.audio import select_channels
 from stethoscope.compute import (
     PRECISIONS,
     place_model,
@@ -44,10 +43,11 @@ from stethoscope.features import (
     Corpus,
     FeatureConfig,
     Featurizer,
-    crop_frames,
     input_kind,
     iter_chunks,
     logmel,
+    waveform_windows,
+    window_features,
 )
 from stethoscope.models import registry
 from stethoscope.models.base import TrainPlan
@@ -577,8 +577,6 @@ class Detector(BaseEstimator):
         AudioError
             when the sample rate differs from the model's or the audio is not finite.
         """
-        from stethoscope.features import window_samples, window_starts
-
         self._check_fitted()
         cfg = self._reading_config(self.feature_config_)
         wave = np.asarray(wave, dtype=np.float32)
@@ -589,21 +587,11 @@ class Detector(BaseEstimator):
                              f"{cfg.sample_rate} Hz", name)
         if not np.isfinite(wave).all():
             raise AudioError("audio holds NaN or infinite samples", name)
-        channels = "all" if cfg.channels == "mean" else cfg.channels
-        wave = select_channels(wave, channels, name)
-        size = window_samples(cfg)
-        starts = window_starts(wave.shape[1], cfg, name)
-        pieces = [wave if size is None else _pad_to(wave[:, s:s + size], size) for s in starts]
-        specs = np.stack([self._window_features(piece, cfg, name) for piece in pieces])
+        windows = waveform_windows(wave, cfg, name)
+        specs = np.stack([window_features(logmel(piece, cfg), cfg, name) for _, piece in windows])
         scores = self.score_features(specs, name)
+        starts = [start for start, _ in windows]
         return self._recording_score(source, list(zip(starts, scores.tolist(), strict=True)))
-
-    @staticmethod
-    def _window_features(wave: np.ndarray, cfg: FeatureConfig, name: str) -> np.ndarray:
-        spec = logmel(wave, cfg)
-        if cfg.channels == "mean" and spec.shape[0] > 1:
-            spec = spec.mean(axis=0, keepdims=True)
-        return crop_frames(spec, cfg.frames, name)
 
     def decision_function(self, X: Inputs) -> np.ndarray:
         """Score minus threshold: positive means anomalous."""
@@ -783,8 +771,4 @@ def _checked_rule(rule: str, what: str) -> str:
         raise ConfigError(f"{what}: {err}") from None
 
 
-def _pad_to(wave: np.ndarray, size: int) -> np.ndarray:
-    if wave.shape[1] >= size:
-        return wave
-    return np.pad(wave, ((0, 0), (0, size - wave.shape[1])))
 

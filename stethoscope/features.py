@@ -472,11 +472,30 @@ def _padded(wave: np.ndarray, size: int | None) -> np.ndarray:
     return np.pad(wave, ((0, 0), (0, size - wave.shape[1])))
 
 
-def _finish(spec: np.ndarray, config: FeatureConfig, source: Path) -> np.ndarray:
-    """Channel mean (of log-mels), frame crop and a finiteness check of one window's features."""
+def window_features(spec: np.ndarray, config: FeatureConfig, source: str | Path | None
+                    ) -> np.ndarray:
+    """One window's log-mel ``(C, M, F)`` as a model takes it: the channels' mean when the
+    channel choice is "mean", then the frame crop."""
     if config.channels == "mean" and spec.shape[0] > 1:
         spec = spec.mean(axis=0, keepdims=True)
-    spec = crop_frames(spec, config.frames, source)
+    return crop_frames(spec, config.frames, source)
+
+
+def waveform_windows(wave: np.ndarray, config: FeatureConfig, source: str | Path
+                     ) -> list[tuple[int, np.ndarray]]:
+    """``(start sample, (C, W))`` windows of audio already in memory, ``float32 (C, n)`` at
+    the model's rate, with the channel choice a file read would make."""
+    from stethoscope.audio import select_channels
+
+    wave = select_channels(wave, _reading_channels(config), source)
+    size = window_samples(config)
+    return [(start, _padded(wave if size is None else wave[:, start:start + size], size))
+            for start in window_starts(wave.shape[1], config, source)]
+
+
+def _finish(spec: np.ndarray, config: FeatureConfig, source: Path) -> np.ndarray:
+    """:func:`window_features` and a finiteness check of one window read from a file."""
+    spec = window_features(spec, config, source)
     if not np.isfinite(spec).all():
         raise AudioError("gives non-finite features: its samples overflow (far outside "
                          "[-1, 1]) or are corrupt", source)
