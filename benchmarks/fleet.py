@@ -116,6 +116,36 @@ def fleet_round(engine, plant: fleet.Fleet, models: Path, settings: dict) -> dic
     return {"train": train_s, "score": score_s}
 
 
+def _kernel(iterations: int) -> float:
+    """Single-threaded float64 matrix products: pure compute, no I/O, no Python overhead."""
+    import numpy as np
+
+    fleet.pin_threads(1)
+    a = np.random.default_rng(0).standard_normal((192, 192))
+    start = time.perf_counter()
+    for _ in range(iterations):
+        a = np.tanh(a @ a * 1e-2)
+    return time.perf_counter() - start
+
+
+def machine_ceiling(iterations: int = 3000, repeats: int = 3) -> tuple[float, float]:
+    """What 2 processes get on this machine at best: the same compute kernel alone and as
+    two processes at once (spawned, warmed); returns (seconds alone, speed-up of two)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    alone, together = [], []
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        list(pool.map(_kernel, [50, 50]))
+        for _ in range(repeats):
+            alone.append(pool.submit(_kernel, iterations).result())
+            start = time.perf_counter()
+            list(pool.map(_kernel, [iterations, iterations]))
+            together.append(time.perf_counter() - start)
+    return median(alone), 2 * median(alone) / median(together)
+
+
 def descendant_peak_rss_mb() -> float:
     """Largest peak RSS (VmHWM) of this process's descendants: the worker processes."""
     peak, todo, seen = 0.0, [os.getpid()], set()
@@ -292,7 +322,7 @@ def _drop_schema(url: str, schema: str) -> None:
 
 
 def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_rows,
-           peak_rss: float, args) -> str:
+           peak_rss: float, ceiling: tuple[float, float], args) -> str:
     n_train = sum(len(m.train) for m in plant.machines)
     n_held = sum(len(m.held_out_normal) for m in plant.machines)
     n_test = sum(len(m.test) for m in plant.machines)
@@ -319,7 +349,9 @@ def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_
                             "target", "start-up s"], rows)
     clip_table = markdown_table(["step, one 10 s recording, 1 thread", "ms (or size)"],
                                 clip_rows)
-    model = settings.get("model") or "clip-stats (default)"
+    from stethoscope.detector import DEFAULT_MODEL
+
+    model = settings.get("model") or f"{DEFAULT_MODEL} (default)"
     load = os.getloadavg()
     start_load = args.start_load
     lines = [
@@ -339,6 +371,11 @@ def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_
         f"{start_load:.1f}, at the end {load[0]:.1f}, on {usable_cores()} cores: anything above "
         "the workers' own 1-2 is other work on the machine, which slows the 1- and 2-worker "
         "rounds differently and makes the speed-up noisy.",
+        "",
+        f"The machine's own ceiling, measured in the same run: a pure compute kernel "
+        f"(single-threaded NumPy matrix products, {ceiling[0]:.2f} s alone) runs as two "
+        f"processes at once at **{ceiling[1]:.2f}×** one process's throughput; no work on "
+        "this machine can scale better than that.",
         "",
         table,
         "",
@@ -407,12 +444,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{rounds[name][-1]['train']:.2f} s, score "
                         f"{rounds[name][-1]['score']:.2f} s")
             peak_rss = descendant_peak_rss_mb()
+            ceiling = machine_ceiling()
+            log(f"machine ceiling: 2 processes at {ceiling[1]:.2f}x one")
         finally:
             for engine, _ in opened.values():
                 engine.__exit__(None, None, None)
         clip_rows = per_clip_costs(plant, Path(tmp) / "models" / names[0].replace(" ", "-"),
                                    args.clip_repeats, args.postgres, log)
-        text = report(plant, settings, opened, rounds, clip_rows, peak_rss, args)
+        text = report(plant, settings, opened, rounds, clip_rows, peak_rss, ceiling, args)
     print(text)
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
           file=sys.stderr)

@@ -183,8 +183,9 @@ def _threshold_option(p: argparse.ArgumentParser, default: str | None) -> None:
                        help=f"decision rule refitted on the model's held-out normal scores, "
                             f"no retraining: {rules} (default: the model's own)")
     else:
-        p.add_argument("--threshold", default=default, metavar="RULE",
-                       help=f"decision rule fitted on held-out normal scores: {rules}")
+        p.add_argument("--threshold", default=None, metavar="RULE",
+                       help=f"decision rule fitted on held-out normal scores: {rules} "
+                            f"(default: {default})")
 
 
 def _force_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -291,7 +292,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="clips per training batch (default: the model's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
-    _threshold_option(p, "mean+2std")
+    _threshold_option(p, "the model's registered rule, gumbel:0.03 for clip-ensemble, "
+                         "else mean+2std")
     p.add_argument("--pooling", default=None,
                    help="how a clip's error map becomes its score: mean, max, median, "
                         "topk:0.1 or p95 (default: the model's)")
@@ -848,6 +850,10 @@ def _fleet_common(p: argparse.ArgumentParser) -> None:
                    help="Dask scheduler of a running cluster, e.g. tcp://10.0.0.5:8786; its "
                         "workers must see the recordings under the same paths (default: a "
                         "new LocalCluster)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="with --address: the workers also see the model folders under the "
+                        "same paths (a shared filesystem), so they read and write them "
+                        "themselves instead of sending them through the driver")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch/BLAS threads per worker")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, in the workers")
@@ -867,7 +873,8 @@ def _fleet_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=_positive_int, default=None,
                    help="training epochs (default: the model's)")
     t.add_argument("--seed", type=int, default=0, help="random seed (same seed, same models)")
-    _threshold_option(t, "mean+2std")
+    _threshold_option(t, "the model's registered rule, gumbel:0.03 for clip-ensemble, "
+                         "else mean+2std")
     t.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
                    help="training precision (default: the model's: auto for seed-conv-ae, "
                         "else fp32)")
@@ -894,7 +901,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
              f"no machine (first: {found.ignored[0]})")
     _say(f"{len(found.machines)} machine(s) under {args.root}, engine {args.engine}")
     options = {"engine": args.engine, "workers": args.workers, "address": args.address,
-               "threads": args.threads, "force": args.force}
+               "threads": args.threads, "force": args.force,
+               "shared_files": True if args.shared_storage else None}
     if args.action == "train":
         return _fleet_train(args, found, options)
     return _fleet_score(args, found, options)

@@ -62,8 +62,8 @@ from stethoscope.scoring import (
 from stethoscope.storage import load_model, save_model
 from stethoscope.training import History, TrainConfig, seed_everything
 
-DEFAULT_MODEL = "clip-stats"  # the default until clip-ensemble passes every check: docs/quality.md
-DEFAULT_THRESHOLD = "mean+2std"  # the course rule; gumbel:0.03 is measured in docs/quality.md
+DEFAULT_MODEL = "clip-ensemble"  # chosen on every labelled real set: docs/quality.md
+DEFAULT_THRESHOLD = "mean+2std"  # the course rule, for models that register no rule of their own
 LARGE_CORPUS_CLIPS = 1000  # beyond this, training features are memory-mapped from disk
 SCORE_BATCH = 32  # windows per model call when scoring
 _TRAIN_KEYS = ("epochs", "batch_size", "lr", "patience")
@@ -85,16 +85,18 @@ class Detector(BaseEstimator):
 
     Parameters
     ----------
-    model : str, default "clip-stats"
+    model : str, default "clip-ensemble"
         Registered model name (``stethoscope.models.names()``).
     features : FeatureConfig or dict, optional
         Log-mel settings, or overrides of the model's registered defaults; ``window_s`` /
         ``window_hop_s`` cut recordings into windows (default: the training clips' length).
-    threshold : str or Threshold, default "mean+2std"
+    threshold : str or Threshold, optional
         Decision rule fitted on held-out normal scores: ``"mean+2std"`` (the course rule),
         ``"gumbel:0.03"`` (a 3 % false-alarm rate from a Gumbel law fitted to them; measured
         in docs/quality.md), ``"fpr:0.05"``, ``"p95"``,
         ``"gamma:0.9"``, ``"value:3.2"`` ... (:func:`stethoscope.scoring.parse_threshold`).
+        None: the model's registered rule (``"gumbel:0.03"`` for clip-ensemble), else
+        ``"mean+2std"``.
     pooling : str, optional
         How a window's error map becomes one score for frame-level models (``"mean"``,
         ``"max"``, ``"topk:0.1"``, ``"p95"``); default the model's. Models that score whole
@@ -158,7 +160,7 @@ class Detector(BaseEstimator):
         model: str = DEFAULT_MODEL,
         *,
         features: FeatureConfig | dict | None = None,
-        threshold: str | Threshold = DEFAULT_THRESHOLD,
+        threshold: str | Threshold | None = None,
         pooling: str | None = None,
         window_pooling: str = "max",
         epochs: int | None = None,
@@ -276,8 +278,9 @@ class Detector(BaseEstimator):
     def _threshold_rule(self) -> Threshold:
         if isinstance(self.threshold, Threshold):
             return Threshold.from_dict(self.threshold.to_dict())
+        rule = self.threshold or self._info().scoring.get("threshold", DEFAULT_THRESHOLD)
         try:
-            return parse_threshold(self.threshold)
+            return parse_threshold(rule)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -663,9 +666,12 @@ class Detector(BaseEstimator):
             if isinstance(self.model_, nn.Module) else 0
         size = f"{weights:,} trained weights" if weights else "no trained weights"
         window = f"{cfg.window_s:g} s windows" if cfg.window_s else "whole clips"
+        members = ", ".join(getattr(self.model_, "members", None) or
+                            getattr(self.model_, "experts", None) or ())
         score = (f"a window's score is the {self.pooling_} of its reconstruction error map"
                  if self.pooling_ else "a window's score is the largest z-score of its "
-                 "clip statistics' distances to the normal clips")
+                 "clip statistics' distances to the normal clips" +
+                 (f" ({members})" if members else ""))
         return (f"Model {self.model} ({size}) on {cfg.n_mels}-mel log spectrograms (n_fft "
                 f"{cfg.n_fft}, hop {cfg.hop_length}, {cfg.sample_rate} Hz) of {window}; "
                 f"{score}; a recording's score is the {self.window_pooling} over its windows.")

@@ -529,24 +529,93 @@ def recipe_clip_stats(b: GraphBuilder, spec: str, saved: SavedModel,
     if unknown or combine not in ("max", "mean"):
         raise ExportError(f"clip-stats with experts {experts} and combine {combine!r} has no "
                           "ONNX recipe", saved.folder)
-    z_scores = []
-    for name in experts:
-        stats = statistics[name](b, spec, shape)  # (1, D) float64
-        centred = b.op("Sub", stats, b.const(saved.tensor(f"{name}_mean")[None], "mean",
-                                             np.float64))
-        product = b.op("MatMul", centred, b.const(saved.tensor(f"{name}_precision"),
-                                                  "precision", np.float64))
-        squared = b.op("ReduceSum", b.op("Mul", product, centred), b.ints([1], "axes"),
-                       keepdims=0)
-        distance = b.op("Sqrt", b.op("Max", squared, b.const(np.float64(0.0), "zero",
-                                                             np.float64)))
-        centre, spread = saved.tensor(f"{name}_scale").tolist()
-        z_scores.append(b.op("Div", b.op("Sub", distance, b.const(np.float64(centre), "centre",
-                                                                  np.float64)),
-                             b.const(np.float64(spread), "spread", np.float64)))
+    z_scores = [_gaussian_z(b, statistics[name](b, spec, shape), saved, f"{name}_mean",
+                            f"{name}_precision", saved.tensor(f"{name}_scale"))
+                for name in experts]
     stacked = b.op("Concat", *z_scores, axis=0)
     reduce = "ReduceMax" if combine == "max" else "ReduceMean"
     return b.op("Cast", b.op(reduce, stacked, b.ints([0], "axes"), keepdims=1), to=1)
+
+
+def _gaussian_z(b: GraphBuilder, stats: str, saved: SavedModel, mean_key: str,
+                precision_key: str, scale: np.ndarray) -> str:
+    """``(distance - centre) / spread`` ``(1,)`` float64 of the Mahalanobis distance (not
+    squared) of ``stats`` ``(1, D)`` to a saved Gaussian."""
+    centred = b.op("Sub", stats, b.const(saved.tensor(mean_key)[None], "mean", np.float64))
+    product = b.op("MatMul", centred, b.const(saved.tensor(precision_key), "precision",
+                                              np.float64))
+    squared = b.op("ReduceSum", b.op("Mul", product, centred), b.ints([1], "axes"), keepdims=0)
+    distance = b.op("Sqrt", b.op("Max", squared, b.const(np.float64(0.0), "zero", np.float64)))
+    return _z(b, distance, scale)
+
+
+def _z(b: GraphBuilder, score: str, scale: np.ndarray) -> str:
+    centre, spread = (float(v) for v in scale)
+    return b.op("Div", b.op("Sub", score, b.const(np.float64(centre), "centre", np.float64)),
+                b.const(np.float64(spread), "spread", np.float64))
+
+
+def _mixture_z(b: GraphBuilder, rows: str, saved: SavedModel, member: str) -> str:
+    """z-scored negative log-likelihood ``(1,)`` of ``rows`` ``(1, D)`` under a saved PCA +
+    Gaussian mixture (:func:`stethoscope.models.clip_ensemble.mixture_nll`): every
+    component's whitened residual in one product, then a log-sum-exp."""
+    t = {key: saved.tensor(f"{member}.{key}") for key in
+         ("pca_mean", "pca_proj", "log_weights", "means", "prec_chol", "z")}
+    components, dims = t["means"].shape
+    projected = b.op("MatMul", b.op("Sub", rows, b.const(t["pca_mean"][None], "pca_mean",
+                                                         np.float64)),
+                     b.const(t["pca_proj"], "pca_proj", np.float64))  # (1, d)
+    chol = np.concatenate(list(t["prec_chol"]), axis=1)  # (d, K·d)
+    offsets = np.concatenate([mu @ c for mu, c in zip(t["means"], t["prec_chol"], strict=True)])
+    residual = b.op("Sub", b.op("MatMul", projected, b.const(chol, "prec_chol", np.float64)),
+                    b.const(offsets[None], "offsets", np.float64))
+    squared = b.op("ReduceSum", b.square(b.reshape(residual, [components, dims])),
+                   b.ints([1], "axes"), keepdims=0)  # (K,)
+    constant = (t["log_weights"] + np.log(np.stack([np.diag(c) for c in t["prec_chol"]])).sum(1)
+                - 0.5 * dims * np.log(2 * np.pi))
+    logs = b.op("Sub", b.const(constant, "log_norm", np.float64),
+                b.op("Mul", squared, b.const(np.float64(0.5), "half", np.float64)))
+    nll = b.op("Neg", b.op("ReduceLogSumExp", logs, b.ints([0], "axes"), keepdims=1))
+    return _z(b, nll, t["z"])
+
+
+def recipe_clip_ensemble(b: GraphBuilder, spec: str, saved: SavedModel,
+                         shape: tuple[int, int, int]) -> str:
+    """The clip's score ``(1,)``: the transform the model chose (log or none), its clip
+    vectors (per-mel mean + std, per-mel maxima, the envelope rhythm; or every cell), each
+    member's z-score and their maximum (:mod:`stethoscope.models.clip_ensemble`)."""
+    from stethoscope.models.clip_ensemble import TIME_MIN_FRAMES
+
+    channels, mels, frames = shape
+    values = b.op("Cast", spec, to=11)
+    if saved.tensor("log")[0] > 0.5:
+        values = b.op("Log", b.op("Max", values, b.const(np.float64(saved.tensor("floor")[0]),
+                                                         "floor", np.float64)))
+    time_axis = int(saved.config["input_shape"][2]) >= TIME_MIN_FRAMES
+    if time_axis:
+        vectors = {"spectrum": lambda: _spectrum_stats(b, values, shape),
+                   "peaks": lambda: b.reshape(b.op("ReduceMax", values, b.ints([2], "axes"),
+                                                   keepdims=0), [1, channels * mels]),
+                   "rhythm": lambda: _rhythm_stats(b, values, shape)}
+    else:
+        vectors = {"cells": lambda: b.reshape(values, [1, channels * mels * frames])}
+    members = sorted({key.split(".", 1)[0] for key in saved.tensors if "." in key},
+                     key=lambda m: (m.startswith("gmm"), m))
+    built: dict[str, str] = {}
+    z_scores = []
+    for member in members:
+        kind, vector = member.split("_", 1)
+        if vector not in vectors:
+            raise ExportError(f"clip-ensemble member {member!r} has no ONNX recipe",
+                              saved.folder)
+        if vector not in built:
+            built[vector] = vectors[vector]()
+        rows = built[vector]
+        z_scores.append(_gaussian_z(b, rows, saved, f"{member}.mean", f"{member}.precision",
+                                    saved.tensor(f"{member}.z")) if kind == "gauss"
+                        else _mixture_z(b, rows, saved, member))
+    stacked = b.op("Concat", *z_scores, axis=0)
+    return b.op("Cast", b.op("ReduceMax", stacked, b.ints([0], "axes"), keepdims=1), to=1)
 
 
 def _spectrum_stats(b: GraphBuilder, spec: str, shape: tuple[int, int, int]) -> str:
@@ -594,6 +663,7 @@ FRAME_RECIPES: dict[str, Recipe] = {
     "seed-conv-ae": recipe_seed_conv_ae,
 }
 CLIP_RECIPES: dict[str, Recipe] = {
+    "clip-ensemble": recipe_clip_ensemble,
     "clip-stats": recipe_clip_stats,
     "clip-stats-rhythm": recipe_clip_stats,
 }

@@ -47,7 +47,7 @@ def test_default_detector_finds_every_fault_and_keeps_its_false_alarm_promise(tm
     normal = [c for c in clips if c.label == 0]
     abnormal = [c for c in clips if c.label == 1]
     det = Detector(progress=False).fit(normal[:40])  # slide rails: with the rhythm expert
-    assert ("rhythm" in det.model_.experts) == (machine == "slider")
+    assert ("gauss_rhythm" in det.model_.members) == (machine == "slider")
     for fault, auc in _fault_aucs(det, root, normal[40:], abnormal).items():
         assert auc > 0.7, f"{machine}/{fault}: AUC {auc:.2f}"
 

@@ -148,7 +148,10 @@ def test_encoder_and_decoder_apart(fitted, valve_clips, tmp_path):
 def test_default_model_and_out_of_sample_threshold(valve_clips, tmp_path):
     train, test = valve_clips
     det = Detector(progress=False).fit(train)
-    assert det.model == "clip-stats" and "leave-one-clip-out" in det.threshold_source_
+    assert det.model == "clip-ensemble" and "leave-one-out" in det.threshold_source_
+    assert det.threshold_.rule == "gumbel" and det.threshold_.q == 0.03  # the model's own rule
+    assert Detector(threshold="mean+2std", progress=False).fit(train).threshold_.rule == "meanstd"
+    assert Detector("clip-stats", progress=False).fit(train).threshold_.rule == "meanstd"
     in_sample = det.score_samples(train)
     # leave-one-out scores of the training clips are higher than their in-sample scores
     assert det.train_scores_.mean() > in_sample.mean()
@@ -197,10 +200,14 @@ def test_machine_type_defaults_apply_only_to_one_machine_type_and_yield_to_the_u
                                                      progress=False)) if c.label == 0]
     fan = [c for c in find_clips(simulate_dataset("fan", 6, 0, tmp_path / "f", seed=0,
                                                   progress=False)) if c.label == 0]
-    assert Detector(progress=False).fit(slider).model_.experts[-1] == "rhythm"
-    assert "rhythm" not in Detector(progress=False).fit(fan).model_.experts
-    assert "rhythm" not in Detector(progress=False).fit(slider[:3] + fan[:3]).model_.experts
-    chosen = Detector(model_params={"experts": ["spectrum"]}, progress=False).fit(slider)
-    assert chosen.model_.experts == ("spectrum",)
+    assert "gauss_rhythm" in Detector(progress=False).fit(slider).model_.members
+    assert "gauss_rhythm" not in Detector(progress=False).fit(fan).model_.members
+    assert "gauss_rhythm" not in Detector(progress=False).fit(slider[:3] + fan[:3]).model_.members
+    chosen = Detector(model_params={"rhythm": False}, progress=False).fit(slider)
+    assert "gauss_rhythm" not in chosen.model_.members
     chosen.save(tmp_path / "model")
-    assert Detector.load(tmp_path / "model").model_.experts == ("spectrum",)
+    assert "gauss_rhythm" not in Detector.load(tmp_path / "model").model_.members
+    assert Detector("clip-stats", progress=False).fit(slider).model_.experts[-1] == "rhythm"
+    rhythm = Detector(progress=False).fit(slider)
+    rhythm.save(tmp_path / "rhythm")
+    assert "gauss_rhythm" in Detector.load(tmp_path / "rhythm").model_.members

@@ -65,7 +65,7 @@ def test_effective_settings_are_fitted_attributes_not_hidden_mutations(tmp_path)
                                                      progress=False)) if c.label == 0]
     det = Detector(progress=False).fit(slider)
     assert det.model_params is None  # the parameter stays as the user gave it
-    assert det.model_params_["experts"][-1] == "rhythm"  # the per-machine default, visible
+    assert det.model_params_ == {"rhythm": True}  # the per-machine default, visible
     assert det.feature_config_.hop_length == 256 and det.features is None
     assert det.feature_config_.window_s == pytest.approx(10.0)
 
@@ -99,12 +99,11 @@ def test_cross_validation_and_grid_search_over_a_small_real_set(dcase_valve):
     scores = cross_val_score(Detector(progress=False), X, y, scoring=auc, cv=folds)
     assert scores.shape == (2,) and np.isfinite(scores).all()
     search = GridSearchCV(Detector(progress=False),
-                          {"model_params__experts": [["spectrum"], ["spectrum", "transients"]]},
+                          {"model_params__rhythm": [False, True]},
                           scoring=auc, cv=folds).fit(X, y)
-    assert search.best_params_["model_params__experts"] in (["spectrum"],
-                                                            ["spectrum", "transients"])
-    assert search.best_estimator_.model_.experts == tuple(
-        search.best_params_["model_params__experts"])
+    assert search.best_params_["model_params__rhythm"] in (False, True)
+    assert ("gauss_rhythm" in search.best_estimator_.model_.members) == \
+        search.best_params_["model_params__rhythm"]
 
 
 # ---------------------------------------------------------------- one featurizer

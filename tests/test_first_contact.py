@@ -197,7 +197,7 @@ def test_2_every_json_option_prints_strict_json(steth, tmp_path, sim, model, mon
     monkeypatch.delenv("STETHOSCOPE_PROGRESS")  # progress bars on, as for a new user
     train = steth("train", sim / "normal", "--out", tmp_path / "m", "--json")
     assert train.returncode == 0, train.stderr
-    assert strict_json(train.stdout)["threshold"]["rule"] == "mean+2std"
+    assert strict_json(train.stdout)["threshold"]["rule"] == "gumbel:0.03"  # the model's own
     evaluate = steth("evaluate", model, sim, "--json")
     assert evaluate.returncode == 0, evaluate.stderr
     assert strict_json(evaluate.stdout)["metrics"]["overall"]["n_anomalous"] == 6
@@ -503,7 +503,7 @@ def test_7_evaluate_says_how_many_anomalies_its_threshold_finds(steth, tmp_path)
     found = int(re.search(r"finds (\d+) of 100 anomalies", result.stdout).group(1))
     assert "false-alarm rate" in result.stdout and "--threshold" in result.stdout
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "Threshold rule: mean+2std" in page and "measured false-alarm rate" in page
+    assert "Threshold rule: gumbel:0.03" in page and "measured false-alarm rate" in page
     # The choices it lists, fitted on the same held-out scores without retraining:
     fpr10 = re.search(r"fpr:0\.1 +\S+ +\S+ % +\S+ % +(\S+) %", result.stdout)
     assert fpr10 and float(fpr10.group(1)) > found, result.stdout
@@ -617,10 +617,12 @@ def test_8_spectrogram_titles_do_not_overlap():
             assert not a.overlaps(b), "titles overlap"
 
 
-def test_8_the_report_describes_clip_stats_scores_truthfully(steth, tmp_path, sim, model):
+def test_8_the_report_describes_the_default_models_scores_truthfully(steth, tmp_path, sim,
+                                                                     model):
     assert steth("evaluate", model, sim, "--report", tmp_path / "r").returncode == 0
     page = (tmp_path / "r" / "index.html").read_text()
-    assert "clip-stats" in page and "max of the reconstruction error map" not in page
+    assert "clip-ensemble" in page and "reconstruction error map" not in page
+    assert "gauss_spectrum, gauss_peaks" in page  # the members whose z-scores it takes
 
 
 def test_8_report_tables_do_not_repeat_rows(tmp_path):

@@ -234,3 +234,28 @@ def test_dask_fleet_on_a_local_cluster_matches_each_machine_alone(tree, tmp_path
     scores = np.array([r["score"] for r in good])
     labels = np.array([r["label"] for r in good])
     assert scores[labels == 1].mean() > scores[labels == 0].mean()  # the faults score higher
+
+
+def test_models_travel_as_bytes_unless_the_workers_share_the_storage(tree, tmp_path):
+    """Workers that see the driver's folders (a process pool, a LocalCluster) write and read
+    model folders themselves; a cluster without shared storage gets and returns the files'
+    bytes. Both give the same models and scores as training each machine alone."""
+    pytest.importorskip("dask.distributed",
+                        reason="dask.distributed is not installed (pip install "
+                               "'stethoscope[fleet]')")
+    good = fleet.Fleet(tree, tuple(m for m in fleet.find_machines(tree).machines
+                                   if m.name != BAD))
+    references = alone(tree, {})
+    for shared in (True, False):
+        models = tmp_path / f"models-{shared}"
+        with fleet.open_engine("dask", 2, shared_files=shared) as engine:
+            assert engine.shares_files is shared
+            results = fleet.train_fleet(good, models, engine=engine)
+            rows, _ = fleet.score_fleet(good, models, None, engine=engine)
+        assert all(r.ok for r in results)
+        assert all(bool(r.model_files) is not shared for r in results)  # bytes only if needed
+        for name, det in references.items():
+            assert_same_model(models / name, det)
+        assert_same_scores(rows, references, tree)
+    assert fleet.open_engine("dask", 1, address="tcp://127.0.0.1:1").shares_files is False
+    assert fleet.open_engine("local", 1).shares_files is True

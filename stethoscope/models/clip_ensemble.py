@@ -35,9 +35,12 @@ from stethoscope.features import iter_chunks
 from stethoscope.models.base import AnomalyModel
 from stethoscope.models.clip_stats import (
     CLIP_STATS_FEATURES,
+    RHYTHM_MACHINES,
     fit_gaussian,
     mahalanobis,
     out_of_sample_distances,
+    rhythm_lags,
+    rhythm_stats,
 )
 from stethoscope.models.registry import register
 
@@ -75,13 +78,18 @@ def chooses_log(X) -> tuple[bool, float]:
     return bool(ll_log > ll_identity), floor
 
 
-def clip_vectors(T: np.ndarray, time_axis: bool) -> dict[str, np.ndarray]:
+def clip_vectors(T: np.ndarray, time_axis: bool, rhythm: bool = False
+                 ) -> dict[str, np.ndarray]:
     """Clip vectors of transformed clips ``(N, C, M, F)`` (see the module docstring)."""
     n = len(T)
     if not time_axis:
         return {"cells": T.reshape(n, -1)}
-    return {"spectrum": np.concatenate([T.mean(-1).reshape(n, -1), T.std(-1).reshape(n, -1)], 1),
-            "peaks": T.max(-1).reshape(n, -1)}
+    vectors = {"spectrum": np.concatenate([T.mean(-1).reshape(n, -1),
+                                           T.std(-1).reshape(n, -1)], 1),
+               "peaks": T.max(-1).reshape(n, -1)}
+    if rhythm:
+        vectors["rhythm"] = rhythm_stats(T)
+    return vectors
 
 
 def fit_mixture(rows: np.ndarray, components: int, seed: int) -> dict[str, np.ndarray]:
@@ -139,14 +147,16 @@ class ClipGaussianEnsemble(AnomalyModel):
 
     frame_level = False  # scores whole clips; the detector's pooling rule does not apply
 
-    def __init__(self, input_shape: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, input_shape: tuple[int, ...], seed: int = 0, rhythm: bool = False
+                 ) -> None:
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise DataError(f"clip-ensemble needs spectrograms or feature arrays (channels, "
                             f"rows, columns), got shape {tuple(input_shape)}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.seed = int(seed)
-        self.hparams = {"seed": self.seed}
         self.time_axis = self.input_shape[2] >= TIME_MIN_FRAMES
+        self.rhythm = bool(rhythm) and self.time_axis  # no envelope without a time axis
+        self.hparams = {"seed": self.seed, "rhythm": self.rhythm}
         self.members: dict[str, dict[str, np.ndarray]] = {}
         self._held_out: np.ndarray | None = None
 
@@ -193,7 +203,7 @@ class ClipGaussianEnsemble(AnomalyModel):
             T = self._transform(chunk)
             if not np.isfinite(T).all():
                 raise DataError("training clips hold NaN or infinite values")
-            for name, rows in clip_vectors(T, self.time_axis).items():
+            for name, rows in clip_vectors(T, self.time_axis, self.rhythm).items():
                 parts.setdefault(name, []).append(rows)
             total = total + T.sum(axes, keepdims=True)[0]
             squares = squares + (T**2).sum(axes, keepdims=True)[0]
@@ -210,7 +220,8 @@ class ClipGaussianEnsemble(AnomalyModel):
         """Out-of-sample fused scores of the training clips (kept from :meth:`fit`; a loaded
         model refits on ``specs`` to get them)."""
         if self._held_out is None or len(self._held_out) != len(specs):
-            self._held_out = type(self)(self.input_shape, self.seed).fit(specs)._held_out
+            self._held_out = type(self)(self.input_shape, self.seed, self.rhythm).fit(
+                specs)._held_out
         return self._held_out.copy(), ("held-out scores of the training clips (leave-one-out "
                                        "Gaussians, 5-fold mixture)")
 
@@ -222,13 +233,17 @@ class ClipGaussianEnsemble(AnomalyModel):
         if X.ndim != 4 or tuple(X.shape[1:1 + len(fixed)]) != tuple(fixed) or X.shape[3] < 2:
             raise DataError(f"spectrograms of shape {tuple(X.shape[1:])} do not fit "
                             f"clip-ensemble built for {self.input_shape}")
+        if self.rhythm and rhythm_lags(X.shape[3]) != rhythm_lags(self.input_shape[2]):
+            raise DataError(f"clips of {X.shape[3]} frames are too short for the rhythm "
+                            f"member fitted on {self.input_shape[2]} frames")
         if not self.members:
             raise RuntimeError("clip-ensemble is not fitted; call fit() or load_state_dict()")
         return X
 
     def member_scores(self, batch) -> dict[str, np.ndarray]:
         """Each member's z-score, ``{member: (B,)}``."""
-        vectors = clip_vectors(self._transform(self._check_batch(batch)), self.time_axis)
+        vectors = clip_vectors(self._transform(self._check_batch(batch)), self.time_axis,
+                               self.rhythm)
         out = {}
         for member, p in self.members.items():
             kind, vector = member.split("_", 1)
@@ -260,7 +275,8 @@ class ClipGaussianEnsemble(AnomalyModel):
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         channels, rows, columns = self.input_shape
         cells = (channels, rows, 1) if self.time_axis else (channels, rows, columns)
-        vectors = ("spectrum", "peaks") if self.time_axis else ("cells",)
+        vectors = (("spectrum", "peaks", "rhythm")[:3 if self.rhythm else 2] if self.time_axis
+                   else ("cells",))
         allowed = {f"gauss_{v}" for v in vectors} | {f"gmm_{vectors[0]}"}
         members: dict[str, dict[str, np.ndarray]] = {}
         for key, value in state.items():
@@ -282,7 +298,7 @@ class ClipGaussianEnsemble(AnomalyModel):
         self.log, self.floor = bool(state["log"][0]), float(state["floor"][0])
         self.cell_mean = state["cell_mean"].numpy().astype(np.float64)
         self.cell_std = state["cell_std"].numpy().astype(np.float64)
-        order = {"gauss_spectrum": 0, "gauss_cells": 0, "gauss_peaks": 1}
+        order = {"gauss_spectrum": 0, "gauss_cells": 0, "gauss_peaks": 1, "gauss_rhythm": 2}
         self.members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 9)))
         self._held_out = None
 
@@ -294,6 +310,9 @@ class ClipGaussianEnsemble(AnomalyModel):
                 "logged when the data say so), plus a PCA+GMM member from 100 clips; a "
                 "clip's score is the largest member z-score.",
     features=CLIP_STATS_FEATURES,
+    scoring={"threshold": "gumbel:0.03"},
+    per_machine={m: {"rhythm": True} for m in RHYTHM_MACHINES},
 )
-def build_clip_ensemble(input_shape: tuple[int, ...], seed: int = 0) -> ClipGaussianEnsemble:
-    return ClipGaussianEnsemble(input_shape, seed=seed)
+def build_clip_ensemble(input_shape: tuple[int, ...], seed: int = 0, rhythm: bool = False
+                        ) -> ClipGaussianEnsemble:
+    return ClipGaussianEnsemble(input_shape, seed=seed, rhythm=rhythm)
