@@ -789,6 +789,10 @@ def _stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, metavar="N",
                    help="record from sound card N (its index or name) through sounddevice "
                         "instead of reading stdin")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="compute threads for the model (default 1: a 10 s window takes a "
+                        "few ms on one core, and more threads slow down, not up, when the "
+                        "machine is busy with other work)")
     _server_options(p, "each window")
 
 
@@ -804,7 +808,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         count = run_stream(model=args.model, encoding=args.format, rate=args.rate,
                            channels=args.channels, window_s=args.window or None,
                            hop_s=args.hop or None, device=device, server=args.server,
-                           token=args.token, machine=args.machine)
+                           token=args.token, machine=args.machine, threads=args.threads)
     except KeyboardInterrupt:
         return EXIT_OK
     _say(f"scored {count} window(s)")

@@ -233,12 +233,18 @@ class DetectorScorer:
             return _failed(path, err)
 
 
-def load_scorer(model: str | Path, *, device: str = "auto") -> EdgeScorer | DetectorScorer:
+def load_scorer(model: str | Path, *, device: str = "auto", threads: int | None = None
+                ) -> EdgeScorer | DetectorScorer:
     """An :class:`EdgeScorer` for a ``.onnx`` file, a :class:`DetectorScorer` for a model
-    folder."""
+    folder. ``threads``: compute threads (onnxruntime's intra-op threads, or torch's for this
+    process); None keeps the library's default (all cores)."""
     model = Path(model)
     if model.suffix.lower() == ".onnx":
-        return EdgeScorer(model)
+        return EdgeScorer(model, threads=threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
     return DetectorScorer(model, device=device)
 
 

@@ -384,9 +384,11 @@ def run_stream(*, model: str | None, encoding: str = "s16le", rate: int | None =
                channels: int = 1, window_s: float | None = None, hop_s: float | None = None,
                device: int | str | None = None, server: str | None = None,
                token: str | None = None, machine: str | None = None,
-               stdin: BinaryIO | None = None, stdout: TextIO | None = None) -> int:
+               stdin: BinaryIO | None = None, stdout: TextIO | None = None,
+               threads: int | None = None) -> int:
     """What ``stethoscope stream`` does: read stdin (or a sound card), print one JSON line
-    per window, flushed. Returns the number of windows."""
+    per window, flushed. Returns the number of windows. ``threads``: compute threads for
+    the model (None: the library's default)."""
     import json
 
     from stethoscope.edge import load_scorer
@@ -394,7 +396,7 @@ def run_stream(*, model: str | None, encoding: str = "s16le", rate: int | None =
 
     if model is None and server is None:
         raise StreamError("give a model (--model) or a service to post windows to (--server)")
-    scorer = load_scorer(model) if model is not None else None
+    scorer = load_scorer(model, threads=threads) if model is not None else None
     poster = RecordingPoster(server, token, machine or "", max_attempts=4,
                              max_backoff_s=5.0) if server else None
     rate = rate or (scorer.sample_rate if scorer is not None else 16000)

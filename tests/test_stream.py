@@ -225,3 +225,26 @@ def test_device_without_sounddevice_is_a_clean_error(model, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'stethoscope[microphone]'" in err
     assert time.monotonic() - started < 30
+
+
+def test_stream_scores_on_the_threads_it_is_given(model, valve):
+    """`--threads` (default 1) sets the model's compute threads; the scores do not change."""
+    import io
+
+    import torch
+
+    from stethoscope.stream import run_stream
+
+    before = torch.get_num_threads()
+    pcm = valve["pcm"][: 12 * RATE].tobytes()
+    try:
+        lines = {}
+        for threads in (1, 2):
+            out = io.StringIO()
+            assert run_stream(model=str(model["folder"]), stdin=io.BytesIO(pcm), stdout=out,
+                              threads=threads) == 1
+            assert torch.get_num_threads() == threads
+            lines[threads] = json.loads(out.getvalue())
+    finally:
+        torch.set_num_threads(before)
+    assert lines[1]["score"] == pytest.approx(lines[2]["score"], rel=1e-6)
