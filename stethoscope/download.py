@@ -615,13 +615,24 @@ def _dcase_machine_dirs(staging: Path) -> list[Path]:
 
 
 def _move_into_place(source: Path, target: Path) -> Path:
-    """Rename ``source`` to ``target``, replacing an older copy only once the new one is in."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
+    """Move the files under ``source`` into ``target``, adding to what is already there.
+
+    Nothing in ``target`` is replaced or removed: the user's own files and an earlier
+    archive of the same machine (DCASE's development and additional training data) stay. A
+    file already there with the same bytes is left alone; one that differs is a
+    DownloadError naming it, raised before any file moves."""
+    import filecmp
+
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        there = target / path.relative_to(source)
+        if there.exists() and (not there.is_file() or
+                               not filecmp.cmp(there, path, shallow=False)):
+            raise DownloadError("exists and differs from the archive's file of that name; "
+                                "move it away to download the archive's", there)
+    for path in files:
+        there = target / path.relative_to(source)
+        if not there.exists():
+            there.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, there)
     return target

@@ -381,3 +381,33 @@ def test_archive_without_expected_layout_is_reported(server, tmp_path, monkeypat
     with pytest.raises(DownloadError, match="no fan recordings found"):
         download_dataset("dcase2023", machine="fan", out=tmp_path / "d",
                          base_url=server.base_url)
+
+
+def test_a_download_adds_to_a_machine_folder_and_never_replaces_what_is_there(
+        server, tmp_path, monkeypatch):
+    """A second archive of the same machine (DCASE's development and additional training
+    data) and the user's own files in ``<out>/<machine>`` stay; a file of the archive that
+    would overwrite a different file already there is an error before anything moves."""
+    out = tmp_path / "dcase"
+    mine = out / "valve" / "train" / "my_own_recording.wav"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(_wav_bytes(9))
+    dev = {"valve/train/section_00_source_train_normal_0000_a.wav": _wav_bytes(0),
+           "valve/test/section_00_source_test_anomaly_0000_a.wav": _wav_bytes(1)}
+    _serve_archive(server, monkeypatch, "dcase2023", "dev_valve.zip", "valve", dev)
+    download_dataset("dcase2023", machine="valve", out=out, base_url=server.base_url)
+    extra = {"valve/train/section_00_source_train_normal_0001_a.wav": _wav_bytes(2)}
+    _serve_archive(server, monkeypatch, "dcase2023", "eval_valve_train.zip", "valve", extra)
+    download_dataset("dcase2023", machine="valve", out=out, base_url=server.base_url)
+    have = sorted(p.relative_to(out / "valve").as_posix() for p in (out / "valve").rglob("*.wav"))
+    assert have == sorted([n.split("/", 1)[1] for n in [*dev, *extra]] +
+                          ["train/my_own_recording.wav"])
+    assert mine.read_bytes() == _wav_bytes(9)
+
+    clash = {"valve/train/my_own_recording.wav": _wav_bytes(3),
+             "valve/train/section_00_source_train_normal_0002_a.wav": _wav_bytes(4)}
+    _serve_archive(server, monkeypatch, "dcase2023", "clash_valve.zip", "valve", clash)
+    with pytest.raises(DownloadError, match="my_own_recording.wav.*differs"):
+        download_dataset("dcase2023", machine="valve", out=out, base_url=server.base_url)
+    assert mine.read_bytes() == _wav_bytes(9)
+    assert not (out / "valve" / "train" / "section_00_source_train_normal_0002_a.wav").exists()
