@@ -789,6 +789,9 @@ def _stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, metavar="N",
                    help="record from sound card N (its index or name) through sounddevice "
                         "instead of reading stdin")
+    p.add_argument("--resample", action="store_true",
+                   help="convert each window from the stream's --rate to the model's (e.g. a "
+                        "48 kHz sound card and a 16 kHz model)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="compute threads for the model (default 1: a 10 s window takes a "
                         "few ms on one core, and more threads slow down, not up, when the "
@@ -808,7 +811,8 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         count = run_stream(model=args.model, encoding=args.format, rate=args.rate,
                            channels=args.channels, window_s=args.window or None,
                            hop_s=args.hop or None, device=device, server=args.server,
-                           token=args.token, machine=args.machine, threads=args.threads)
+                           token=args.token, machine=args.machine, threads=args.threads,
+                           resample=args.resample)
     except KeyboardInterrupt:
         return EXIT_OK
     _say(f"scored {count} window(s)")

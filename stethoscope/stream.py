@@ -279,18 +279,22 @@ def _shifted(windows: list[dict], offset_s: float) -> list[dict]:
 
 
 def score_stream(reader, scorer, *, window: int | None = None, hop: int | None = None,
-                 poster=None, log: TextIO | None = None) -> Iterator[dict]:
+                 poster=None, log: TextIO | None = None, resample: bool = False
+                 ) -> Iterator[dict]:
     """Score a stream window by window; yields one result per window as it completes.
 
     Parameters
     ----------
     reader : :class:`PcmReader` or :class:`DeviceReader` (anything with ``read(n)`` and
-        ``format``) at the model's sample rate.
+        ``format``), at the model's sample rate unless ``resample``.
     scorer : a :class:`stethoscope.edge.Scorer` (``load_scorer(model)``), or None to only
         post (then ``window`` is needed).
-    window, hop : samples per window and between window starts (default: the model's
-        window, back to back).
+    window, hop : samples of the stream per window and between window starts (default: the
+        model's window, back to back).
     poster : a :class:`stethoscope.watch.RecordingPoster`; each window is posted as a WAV.
+    resample : convert each window from the stream's rate to the model's (scipy's
+        polyphase filter, as ``score --resample`` converts a file); else a stream at another
+        rate is an error.
 
     Yields
     ------
@@ -301,15 +305,20 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
     """
     log = log or sys.stderr
     rate = reader.format.rate
+    model_rate = rate if scorer is None else scorer.sample_rate
     if scorer is not None:
-        if rate != scorer.sample_rate:
+        if rate != model_rate and not resample:
             raise StreamError(f"the stream is at {rate} Hz but the model needs "
-                              f"{scorer.sample_rate} Hz (resample before, e.g. arecord -r "
-                              f"{scorer.sample_rate})", getattr(reader, "source", None))
-        window = window or scorer.window_samples
-        if window < scorer.window_samples:
+                              f"{model_rate} Hz (pass --resample, or resample before, e.g. "
+                              f"arecord -r {model_rate})", getattr(reader, "source", None))
+        if rate != model_rate:
+            from stethoscope.audio import resample_wave
+
+            resample_wave(np.zeros((1, 1), np.float32), rate, model_rate)  # checks the rates
+        window = window or round(scorer.window_samples * rate / model_rate)
+        if round(window * model_rate / rate) < scorer.window_samples:
             raise StreamError(f"a window of {window / rate:.4g} s is shorter than the model's "
-                              f"{scorer.window_samples / rate:.4g} s")
+                              f"{scorer.window_samples / model_rate:.4g} s")
     if window is None:
         raise StreamError("without a model, give the window length (--window SECONDS)")
     hop = hop or window
@@ -323,7 +332,9 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
         if scorer is not None:
             began = time.perf_counter()
             try:
-                result = scorer.score_waveform(wave, rate, source=source)
+                result = scorer.score_waveform(_at_model_rate(wave, rate, model_rate, window,
+                                                              scorer.window_samples),
+                                               model_rate, source=source)
             except StethoscopeError as err:
                 result = {"score": None, "anomalous": None, "error": str(err), "windows": []}
             line["compute_ms"] = round((time.perf_counter() - began) * 1e3, 3)
@@ -342,6 +353,21 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
     if getattr(reader, "leftover_bytes", 0):
         _note(f"the stream ended inside a sample frame ({reader.leftover_bytes} bytes "
               "ignored)", log)
+
+
+def _at_model_rate(wave: np.ndarray, rate: int, model_rate: int, window: int,
+                   model_window: int) -> np.ndarray:
+    """A window ``(C, window)`` of the stream at the model's rate: resampled, then cut or
+    zero-padded to the length its duration has there (at least the model's window)."""
+    if rate == model_rate:
+        return wave
+    from stethoscope.audio import resample_wave
+
+    converted = resample_wave(wave, rate, model_rate)
+    length = max(round(window * model_rate / rate), model_window)
+    if converted.shape[1] < length:
+        converted = np.pad(converted, ((0, 0), (0, length - converted.shape[1])))
+    return np.ascontiguousarray(converted[:, :length])
 
 
 def _note(text: str, log: TextIO | None = None) -> None:
@@ -385,7 +411,7 @@ def run_stream(*, model: str | None, encoding: str = "s16le", rate: int | None =
                device: int | str | None = None, server: str | None = None,
                token: str | None = None, machine: str | None = None,
                stdin: BinaryIO | None = None, stdout: TextIO | None = None,
-               threads: int | None = None) -> int:
+               threads: int | None = None, resample: bool = False) -> int:
     """What ``stethoscope stream`` does: read stdin (or a sound card), print one JSON line
     per window, flushed. Returns the number of windows. ``threads``: compute threads for
     the model (None: the library's default)."""
@@ -409,7 +435,8 @@ def run_stream(*, model: str | None, encoding: str = "s16le", rate: int | None =
         reader = open_stdin_stream(stdin or sys.stdin.buffer, encoding, rate, channels)
     count = 0
     try:
-        for line in score_stream(reader, scorer, window=window, hop=hop, poster=poster):
+        for line in score_stream(reader, scorer, window=window, hop=hop, poster=poster,
+                                 resample=resample):
             stdout.write(json.dumps(line) + "\n")
             stdout.flush()
             count += 1

@@ -248,3 +248,35 @@ def test_stream_scores_on_the_threads_it_is_given(model, valve):
     finally:
         torch.set_num_threads(before)
     assert lines[1]["score"] == pytest.approx(lines[2]["score"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["folder", "onnx"])
+def test_a_stream_at_another_rate_is_resampled_when_asked(model, valve, tmp_path, kind):
+    """A 48 kHz stream (a typical sound card) scored by a 16 kHz model with --resample
+    scores each window as `score --resample` scores the same audio as a WAV file; without
+    --resample it is a one-line error that says what to do."""
+    from stethoscope.audio import resample_wave
+
+    window = model_window(model)
+    clips = (valve["pcm"][: 2 * window].astype(np.float32) / 32768)[None]
+    high = np.round(resample_wave(clips, RATE, 48_000) * 32767).clip(-32768, 32767)
+    pcm48 = high.astype("<i2")[0]
+    expected = []
+    for i in range(2):
+        path = tmp_path / f"w{i}.wav"
+        soundfile.write(path, pcm48[i * 3 * window:(i + 1) * 3 * window], 48_000,
+                        subtype="PCM_16")
+        expected.append(Detector.load(model["folder"], resample=True, progress=False)
+                        .score_recordings([path])[0].score)
+    command = stream_command(model[kind], "--rate", "48000", "--resample")
+    proc = subprocess.run(command, input=pcm48.tobytes(), capture_output=True, cwd=ROOT,
+                          env=ENV, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [line["end_s"] for line in lines] == pytest.approx([window / RATE, 2 * window / RATE])
+    assert [line["score"] for line in lines] == pytest.approx(expected, rel=1e-4)
+    refused = subprocess.run(stream_command(model[kind], "--rate", "48000"),
+                             input=pcm48.tobytes(), capture_output=True, cwd=ROOT, env=ENV,
+                             timeout=180)
+    assert refused.returncode == 2 and b"--resample" in refused.stderr
+    assert refused.stderr.count(b"\n") == 1 and b"Traceback" not in refused.stderr
