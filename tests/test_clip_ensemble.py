@@ -70,3 +70,35 @@ def test_gumbel_threshold_is_a_moment_fit_cut_at_the_false_alarm_rate():
         gumbel_threshold(scores, 0.05))
     with pytest.raises(ValueError):
         Threshold("gumbel", q=1.5)
+
+
+def test_the_quantile_map_gaussianises_and_keeps_far_values_far():
+    from scipy.stats import skew
+
+    from stethoscope.models.clip_ensemble import fit_quantile_map, quantile_map
+
+    rng = np.random.default_rng(6)
+    rows = np.c_[rng.lognormal(0, 1, 500), rng.uniform(-1, 1, 500), np.full(500, 3.0)]
+    m = fit_quantile_map(rows)
+    mapped = quantile_map(rows, m)
+    assert skew(rows[:, 0]) > 3 and abs(skew(mapped[:, 0])) < 0.5  # the log-normal
+    assert np.corrcoef(np.sort(mapped[:, 1]), np.sort(rng.standard_normal(500)))[0, 1] > 0.99
+    assert np.all(np.diff(quantile_map(np.sort(rows, 0), m)[:, :2], axis=0) >= 0)  # monotone
+    assert np.all(mapped[:, 2] == 0)  # constant in training: no information
+    far = quantile_map(np.array([[rows[:, 0].max() * 10, 50.0, 3.0]]), m)[0]
+    assert far[0] > mapped[:, 0].max() + 1 and far[1] > 20  # beyond the range: not clipped
+
+
+def test_the_mixture_averages_several_starts_and_old_files_still_load():
+    from stethoscope.models.clip_ensemble import MIXTURE_STARTS
+
+    X = np.random.default_rng(7).gamma(2.0, size=(150, 1, 6, 8))
+    model = build("clip-ensemble", (1, 6, 8)).fit(X)
+    mixture = model.members["gmm_cells"]
+    assert len(mixture["log_weights"]) == MIXTURE_STARTS * 3  # k = 150 // 50 per start
+    assert np.exp(mixture["log_weights"]).sum() == pytest.approx(1.0)
+    state = {k: v for k, v in model.state_dict().items() if ".qt_" not in k}  # before the map
+    old = build("clip-ensemble", (1, 6, 8))
+    old.load_state_dict(state)
+    assert "qt_x" not in old.members["gmm_cells"]
+    assert np.isfinite(old.clip_scores(X[:5])).all()

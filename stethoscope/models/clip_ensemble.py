@@ -13,11 +13,15 @@ Fitted on normal clips only, one fixed configuration for every input:
    modulation bands of a modulation spectrum), whose order means something.
 3. **Clip vectors.** On a time axis: ``spectrum`` (per-row mean and standard deviation over
    time, the log-mel baseline) and ``peaks`` (per-row maximum over time: time-weighted rank
-   pooling with r = 0, TWFR, Guan et al. ICASSP 2023). Otherwise: ``cells`` (the whole
-   array, flattened: the log-feature baseline).
-4. **Members.** A Ledoit-Wolf Gaussian per vector, scored by Mahalanobis distance; the first
-   vector also gets a Gaussian mixture on 16 whitened principal components (SECOM-style PCA
-   + GMM) once there are 100 clips or more (``min(8, N // 50)`` components).
+   pooling with r = 0, TWFR, Guan et al. ICASSP 2023), and with ``rhythm=True`` (the
+   default when every training clip is a slide rail's) ``rhythm``, the pooled
+   autocorrelation of the loudness envelope, for faults that change only *when* strokes
+   happen. Otherwise: ``cells`` (the whole array, flattened: the log-feature baseline).
+4. **Members.** A Ledoit-Wolf Gaussian per vector, scored by Mahalanobis distance. From 100
+   clips on, the first vector also gets a mixture member (SECOM-style PCA + GMM): each
+   dimension rank-Gaussianised (training quantiles mapped to normal quantiles, tails
+   continued linearly), whitened PCA to 16 dimensions, and the average of 10 full-covariance
+   Gaussian mixtures of ``min(8, N // 50)`` components fitted from different random starts.
 5. **Fusion.** Each member's score is z-normalised on its own held-out normal scores
    (exact leave-one-out for the Gaussians, 5-fold for the mixture), and a clip's score is the
    largest member z-score (DCASE 2025: normalising members matters more than the members).
@@ -48,6 +52,10 @@ TIME_MIN_FRAMES = 32
 PCA_DIMS = 16
 MAX_COMPONENTS = 8
 CLIPS_PER_COMPONENT = 50
+REG_COVAR = 1e-3
+MIXTURE_STARTS = 10  # mixtures from different random starts, averaged
+QUANTILE_KNOTS = 100
+QUANTILE_TAIL = 0.1  # share of the knots whose slope the map continues beyond the range
 FOLDS = 5
 MIN_CLIPS = 3
 CHUNK = 64  # clips per statistics pass: flat memory for memory-mapped corpora
@@ -92,35 +100,89 @@ def clip_vectors(T: np.ndarray, time_axis: bool, rhythm: bool = False
     return vectors
 
 
+def fit_quantile_map(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-dimension map of ``rows`` ``(N, D)`` to standard-normal quantiles (rank
+    Gaussianisation): ``min(QUANTILE_KNOTS, N)`` training quantiles at p = (i + 0.5) / q
+    mapped to the normal quantiles of p, linear between knots, and beyond the training
+    range a straight line continuing the slope over the outer ``QUANTILE_TAIL`` of the
+    knots (so a value far outside stays far out, unlike scikit-learn's
+    ``QuantileTransformer``, which clips it to the range: written here for that reason)."""
+    from scipy.special import ndtri
+
+    q = min(QUANTILE_KNOTS, len(rows))
+    p = (np.arange(q) + 0.5) / q
+    x = np.quantile(rows, p, axis=0)  # (q, D), non-decreasing per column
+    z = ndtri(p)
+    j = max(1, int(round(QUANTILE_TAIL * q)))
+    low, high = x[j] - x[0], x[-1] - x[-1 - j]
+    slope_low = np.where(low > 0, (z[j] - z[0]) / np.where(low > 0, low, 1), 0.0)
+    slope_high = np.where(high > 0, (z[-1] - z[-1 - j]) / np.where(high > 0, high, 1), 0.0)
+    return {"qt_x": x, "qt_z": z, "qt_slo": slope_low, "qt_shi": slope_high}
+
+
+def quantile_map(rows: np.ndarray, m: dict[str, np.ndarray], chunk: int = 256) -> np.ndarray:
+    """Apply :func:`fit_quantile_map`'s map to ``rows`` ``(N, D)``; a dimension that was
+    constant in training maps to 0."""
+    x, z, slope_low, slope_high = m["qt_x"], m["qt_z"], m["qt_slo"], m["qt_shi"]
+    q, d = x.shape
+    columns = np.arange(d)
+    constant = x[-1] <= x[0]
+    out = np.empty_like(rows, dtype=np.float64)
+    for start in range(0, len(rows), chunk):
+        v = rows[start:start + chunk]
+        k = np.clip((x[None] <= v[:, None]).sum(1), 1, q - 1)  # searchsorted, side="right"
+        x0, x1 = x[k - 1, columns], x[k, columns]
+        gap = x1 - x0
+        t = np.clip(np.where(gap > 0, (v - x0) / np.where(gap > 0, gap, 1), 0.5), 0, 1)
+        mapped = z[k - 1] + t * (z[k] - z[k - 1])
+        mapped = np.where(v < x[0], z[0] + (v - x[0]) * slope_low, mapped)
+        mapped = np.where(v > x[-1], z[-1] + (v - x[-1]) * slope_high, mapped)
+        out[start:start + chunk] = np.where(constant, 0.0, mapped)
+    return out
+
+
 def fit_mixture(rows: np.ndarray, components: int, seed: int) -> dict[str, np.ndarray]:
-    """Whitened PCA (``PCA_DIMS``) and a full-covariance Gaussian mixture, as arrays."""
+    """The mixture member as arrays: the quantile map, whitened PCA (``PCA_DIMS``) and the
+    equal-weight average of ``MIXTURE_STARTS`` full-covariance Gaussian mixtures fitted
+    from different random starts (one mixture of all their components, weights divided by
+    the number of starts): one fit's result depends on its start, the average much less."""
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
 
+    m = fit_quantile_map(rows)
+    mapped = quantile_map(rows, m)
     dims = max(1, min(PCA_DIMS, len(rows) - 2, rows.shape[1]))
-    pca = PCA(n_components=dims, whiten=True, svd_solver="covariance_eigh").fit(rows)
-    gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-3,
-                          random_state=seed).fit(pca.transform(rows))
-    return {"pca_mean": pca.mean_, "pca_proj": pca.components_.T / np.sqrt(
-        pca.explained_variance_), "log_weights": np.log(gmm.weights_), "means": gmm.means_,
-        "prec_chol": gmm.precisions_cholesky_}
+    pca = PCA(n_components=dims, whiten=True, svd_solver="covariance_eigh").fit(mapped)
+    projected = pca.transform(mapped)
+    fits = [GaussianMixture(components, covariance_type="full", reg_covar=REG_COVAR,
+                            random_state=seed * MIXTURE_STARTS + start).fit(projected)
+            for start in range(MIXTURE_STARTS)]
+    return {**m, "pca_mean": pca.mean_,
+            "pca_proj": pca.components_.T / np.sqrt(np.maximum(pca.explained_variance_, 1e-12)),
+            "log_weights": np.concatenate([np.log(g.weights_) - np.log(len(fits))
+                                           for g in fits]),
+            "means": np.concatenate([g.means_ for g in fits]),
+            "prec_chol": np.concatenate([g.precisions_cholesky_ for g in fits])}
 
 
 def mixture_nll(rows: np.ndarray, m: dict[str, np.ndarray]) -> np.ndarray:
-    """Negative log-likelihood under the mixture: ``-GaussianMixture.score_samples``,
-    computed in NumPy (scikit-learn's input checks cost more than the arithmetic per clip)."""
-    z = (rows - m["pca_mean"]) @ m["pca_proj"]
+    """Negative log-likelihood under the mixture member: the quantile map (when the member
+    has one), the whitened PCA and the mixture's log-sum-exp, in NumPy (scikit-learn's input
+    checks cost more than the arithmetic per clip)."""
+    mapped = quantile_map(rows, m) if "qt_x" in m else rows
+    z = (mapped - m["pca_mean"]) @ m["pca_proj"]
     d = z.shape[1]
-    logs = np.stack([w + np.log(np.diag(chol)).sum() - 0.5 * (((z - mu) @ chol) ** 2).sum(1)
-                     - 0.5 * d * np.log(2 * np.pi)
-                     for w, mu, chol in zip(m["log_weights"], m["means"], m["prec_chol"],
-                                            strict=True)])
-    top = logs.max(0)
-    return -(top + np.log(np.exp(logs - top).sum(0)))
+    chol = m["prec_chol"]  # (K, d, d)
+    residual = np.einsum("nd,kde->nke", z, chol) - np.einsum("kd,kde->ke", m["means"], chol)[None]
+    logs = (m["log_weights"] + np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
+            - 0.5 * d * np.log(2 * np.pi))[None] - 0.5 * (residual ** 2).sum(2)  # (N, K)
+    top = logs.max(1)
+    return -(top + np.log(np.exp(logs - top[:, None]).sum(1)))
 
 
 def mixture_held_out(rows: np.ndarray, components: int, seed: int) -> np.ndarray:
-    """Out-of-sample (5-fold) mixture scores of the training rows."""
+    """Out-of-sample (5-fold) mixture scores of the training rows: the whole member (map,
+    PCA, mixtures) refitted without each fold."""
     order = np.random.default_rng(seed).permutation(len(rows))
     out = np.empty(len(rows))
     for fold in range(FOLDS):
@@ -136,7 +198,9 @@ def _spread(values: np.ndarray) -> float:
 
 
 MEMBER_FIELDS = {"gauss": ("mean", "precision", "z"),
-                 "gmm": ("pca_mean", "pca_proj", "log_weights", "means", "prec_chol", "z")}
+                 "gmm": ("qt_x", "qt_z", "qt_slo", "qt_shi", "pca_mean", "pca_proj",
+                         "log_weights", "means", "prec_chol", "z")}
+OPTIONAL_FIELDS = {"gauss": (), "gmm": ("qt_x", "qt_z", "qt_slo", "qt_shi")}  # older files
 
 
 class ClipGaussianEnsemble(AnomalyModel):
@@ -289,7 +353,8 @@ class ClipGaussianEnsemble(AnomalyModel):
                 raise ModelFileError(f"weights do not fit clip-ensemble: unexpected {key}")
         required = {f"gauss_{v}" for v in vectors}
         if not required <= set(members) or any(
-                set(p) != set(MEMBER_FIELDS[m.split("_")[0]]) for m, p in members.items()):
+                set(p) | set(OPTIONAL_FIELDS[m.split("_")[0]])
+                != set(MEMBER_FIELDS[m.split("_")[0]]) for m, p in members.items()):
             raise ModelFileError("weights do not fit clip-ensemble: members are incomplete")
         for key in ("cell_mean", "cell_std"):
             if tuple(state[key].shape) != cells:
