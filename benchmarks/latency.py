@@ -75,10 +75,18 @@ def test_clip(folder: Path) -> tuple[np.ndarray, Path, str]:
     return wave, path, "seeded noise clip"
 
 
-def paths_to_time(det: Detector, wave: np.ndarray, path: Path) -> dict:
-    """The callables to time, each scoring (or half-scoring) the one clip."""
+def paths_to_time(det: Detector, wave: np.ndarray, path: Path,
+                  reference: Detector | None = None) -> dict:
+    """The callables to time, each scoring (or half-scoring) the one clip; with a reference
+    detector, its model + pooling too (the same features), timed in the same rounds."""
     config = det.feature_config_
     spec = crop_frames(logmel(wave[None], config), config.frames, None)[None]
+    extra = {}
+    if reference is not None:
+        ref_config = reference.feature_config_
+        ref_spec = crop_frames(logmel(wave[None], ref_config), ref_config.frames, None)[None]
+        extra[f"model + pooling only, reference `{reference.model}`"] = \
+            lambda: float(reference.score_features(ref_spec)[0])
 
     def from_waveform() -> float:
         features = crop_frames(logmel(wave[None], config), config.frames, None)
@@ -89,6 +97,7 @@ def paths_to_time(det: Detector, wave: np.ndarray, path: Path) -> dict:
         "WAV path → score (`score_samples(path)`)": lambda: float(det.score_samples(path)[0]),
         "log-mel only": lambda: logmel(wave[None], config),
         "model + pooling only": lambda: float(det.score_features(spec)[0]),
+        **extra,
     }
 
 
@@ -143,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", default=f"{usable_cores()},1",
                         help="comma-separated torch thread counts (default: all cores, 1)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model (default: the default)")
+    parser.add_argument("--reference", default="clip-stats",
+                        help="a second model whose model + pooling is timed in the same run "
+                             "(default clip-stats, the previous default; 'none' for none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 calls")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -159,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="stethoscope-bench-") as tmp:
         log("training the default detector for one epoch on random spectrograms…")
         det = default_detector(Path(tmp), args.model)
+        reference = None
+        if args.reference not in ("none", args.model):
+            (Path(tmp) / "reference").mkdir()
+            reference = default_detector(Path(tmp) / "reference", args.reference)
         wave, path, clip_desc = test_clip(Path(tmp))
-        calls = paths_to_time(det, wave, path)
+        calls = paths_to_time(det, wave, path, reference)
         results = {}
         for threads in thread_counts:
             torch.set_num_threads(threads)

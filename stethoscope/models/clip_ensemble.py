@@ -371,9 +371,10 @@ class ClipGaussianEnsemble(AnomalyModel):
 @register(
     "clip-ensemble",
     description="No training: held-out-normalised Gaussians (Ledoit-Wolf) on clip vectors "
-                "(log-mel mean+std and per-band peaks; or any feature array, flattened, "
-                "logged when the data say so), plus a PCA+GMM member from 100 clips; a "
-                "clip's score is the largest member z-score.",
+                "(log-mel mean+std and per-band peaks, plus the loudness rhythm on slide "
+                "rails; or any feature array, flattened, logged when the data say so), and "
+                "from 100 clips a rank-Gaussianised PCA + averaged-GMM member; a clip's "
+                "score is the largest member z-score; threshold gumbel:0.03.",
     features=CLIP_STATS_FEATURES,
     scoring={"threshold": "gumbel:0.03"},
     per_machine={m: {"rhythm": True} for m in RHYTHM_MACHINES},
