@@ -11,3 +11,10 @@ def die_on_request(job) -> str:
     if job.machine == "dies":
         os._exit(3)  # a worker killed mid-job: out of memory, a crash in native code
     return f"{job.machine} done"
+
+
+def dask_profiler_enabled() -> bool:
+    """Whether this Dask worker runs Dask's sampling profiler."""
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))

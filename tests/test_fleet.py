@@ -18,7 +18,7 @@ from stethoscope import Detector, fleet
 from stethoscope.cli import main
 from stethoscope.errors import DataError
 from stethoscope.simulate import simulate_dataset
-from tests._fleet_jobs import die_on_request
+from tests._fleet_jobs import dask_profiler_enabled, die_on_request
 from tests.conftest import shared_path
 
 GOOD = [("fan", "id_00"), ("fan", "id_02"), ("pump", "id_00"), ("valve", "id_04")]
@@ -250,6 +250,8 @@ def test_models_travel_as_bytes_unless_the_workers_share_the_storage(tree, tmp_p
         models = tmp_path / f"models-{shared}"
         with fleet.open_engine("dask", 2, shared_files=shared) as engine:
             assert engine.shares_files is shared
+            # compute-bound jobs: the LocalCluster's workers run without Dask's profiler
+            assert not any(engine.client.run(dask_profiler_enabled).values())
             results = fleet.train_fleet(good, models, engine=engine)
             rows, _ = fleet.score_fleet(good, models, None, engine=engine)
         assert all(r.ok for r in results)
