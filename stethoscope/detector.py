@@ -327,15 +327,18 @@ class Detector(BaseEstimator):
         kind = input_kind(X)
         config = self._reading_config(self._feature_config())
         featurizer = Featurizer(config, cache_dir=self.cache_dir, progress=self.progress)
+        headers = None
         if kind == "recordings":
             X = featurizer.clips(X)
             self._reject_anomalies(X)
-            config = self._with_window(config, featurizer.plans(X))
+            plans = featurizer.plans(X)
+            config = self._with_window(config, plans)
             featurizer = Featurizer(config, cache_dir=self.cache_dir, progress=self.progress)
+            headers = [plan.info for plan in plans]  # each header read once, not twice
         with self._scratch_cache(X, kind) as scratch:
             if scratch is not None:
                 featurizer.cache_dir = scratch
-            corpus = featurizer.transform(X)
+            corpus = featurizer.transform(X, headers)
             self._fit_corpus(corpus, config, info)
         return self
 

@@ -421,12 +421,14 @@ class RecordingPlan:
     info: AudioInfo
 
 
-def plan_recording(path: str | Path, config: FeatureConfig) -> RecordingPlan:
+def plan_recording(path: str | Path, config: FeatureConfig, info: AudioInfo | None = None
+                   ) -> RecordingPlan:
     """Read a recording's header and lay out its windows; every header problem (missing,
     unreadable, wrong rate, no such channel, shorter than a window) is raised here, before
-    any sample is read."""
+    any sample is read. ``info``: the header already read (an earlier plan of the same
+    file), not read again."""
     path = Path(path)
-    info = audio_info(path)
+    info = info or audio_info(path)
     if info.sample_rate != config.sample_rate and not config.resample:
         raise AudioError(f"sample rate is {info.sample_rate} Hz but the model expects "
                          f"{config.sample_rate} Hz; pass resample=True (--resample) to convert",
@@ -1020,16 +1022,21 @@ class Featurizer:
             return list(items)
         return find_clips([c.path if isinstance(c, Clip) else c for c in items])
 
-    def plans(self, clips: Sequence) -> list[RecordingPlan]:
-        """Every clip's window plan (header errors raised before any sample is read)."""
-        return [plan_recording(clip.path, self.config) for clip in clips]
+    def plans(self, clips: Sequence, headers: Sequence[AudioInfo] | None = None
+              ) -> list[RecordingPlan]:
+        """Every clip's window plan (header errors raised before any sample is read);
+        ``headers``: the clips' headers when already read, in the same order."""
+        headers = headers or [None] * len(clips)
+        return [plan_recording(clip.path, self.config, info)
+                for clip, info in zip(clips, headers, strict=True)]
 
-    def transform(self, X) -> Corpus:
-        """The whole corpus at once (training). Any unusable input raises its error."""
+    def transform(self, X, headers: Sequence[AudioInfo] | None = None) -> Corpus:
+        """The whole corpus at once (training). Any unusable input raises its error.
+        ``headers``: the recordings' headers when already read (see :meth:`plans`)."""
         if input_kind(X) in ARRAY_KINDS:
             return self.array_corpus(X)
         clips = self.clips(X)
-        plans = self.plans(clips)
+        plans = self.plans(clips, headers)
         specs = features_of_plans(plans, self.config, cache_dir=self.cache_dir,
                                   progress=progress_enabled(self.progress))
         owner = np.concatenate([np.full(len(p.starts), i) for i, p in enumerate(plans)])
