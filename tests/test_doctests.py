@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 PUBLIC = ["stethoscope.detector", "stethoscope.features", "stethoscope.compute",
-          "stethoscope.progress", "stethoscope.audio", "stethoscope.scoring"]
+          "stethoscope.progress", "stethoscope.audio", "stethoscope.scoring",
+          "stethoscope.models.clip_ensemble"]
 
 
 @pytest.mark.parametrize("name", PUBLIC)

@@ -121,8 +121,16 @@ def fit_quantile_map(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def quantile_map(rows: np.ndarray, m: dict[str, np.ndarray], chunk: int = 256) -> np.ndarray:
-    """Apply :func:`fit_quantile_map`'s map to ``rows`` ``(N, D)``; a dimension that was
-    constant in training maps to 0."""
+    """Apply :func:`fit_quantile_map`'s map to ``rows`` ``(N, D)`` → float64 ``(N, D)``; a
+    dimension that was constant in training maps to 0.
+
+    >>> rows = np.random.default_rng(0).lognormal(size=(1000, 2))
+    >>> m = fit_quantile_map(rows)
+    >>> bool(abs(quantile_map(rows, m).mean()) < 0.05)  # about standard normal now
+    True
+    >>> float(quantile_map(np.array([[1e3, 1e3]]), m)[0, 0]) > 10  # far out stays far out
+    True
+    """
     x, z, slope_low, slope_high = m["qt_x"], m["qt_z"], m["qt_slo"], m["qt_shi"]
     q, d = x.shape
     columns = np.arange(d)
