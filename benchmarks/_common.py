@@ -219,6 +219,15 @@ def update_doc_section(name: str, body: str, doc: Path = DOC, draft: bool = Fals
     return doc
 
 
+def publish(name: str, text: str, args) -> None:
+    """Print a script's section on stdout and, unless ``--no-doc``, write it into
+    ``args.doc`` (marked a draft with ``--draft``), saying where on stderr."""
+    print(text)
+    if not args.no_doc:
+        path = update_doc_section(name, text, args.doc, draft=args.draft)
+        print(f"\nwrote the {name} section of {path}", file=sys.stderr)
+
+
 def add_common_arguments(parser) -> None:
     """Flags every script takes: where to write, whether to write, draft marking."""
     parser.add_argument("--doc", type=Path, default=DOC, help="Markdown file to update "

@@ -36,8 +36,8 @@ from _common import (
     logger,
     machine_line,
     markdown_table,
+    publish,
     shown_command,
-    update_doc_section,
 )
 
 SECTION = "end_to_end"
@@ -339,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(work_root, ignore_errors=True)
     text = report(results, layouts, pool, args, cached)
-    print(text)
-    if not args.no_doc:
-        path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
+    publish(SECTION, text, args)
     failed = any(s.returncode != 0 for group in (results, cached) for steps in group.values()
                  for s in steps)
     return 1 if failed else 0

@@ -31,9 +31,9 @@ from _common import (
     markdown_table,
     median,
     package_version,
+    publish,
     shown_command,
     timed,
-    update_doc_section,
     usable_cores,
 )
 
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_files:
             rows.append(from_files_row(label, config, waves, args, log))
     text = report(rows, data_desc, args)
-    print(text)
-    if not args.no_doc:
-        path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
+    publish(SECTION, text, args)
     return 0
 
 

@@ -32,8 +32,8 @@ from _common import (
     markdown_table,
     median,
     package_version,
+    publish,
     shown_command,
-    update_doc_section,
     usable_cores,
 )
 
@@ -452,12 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         clip_rows = per_clip_costs(plant, Path(tmp) / "models" / names[0].replace(" ", "-"),
                                    args.clip_repeats, args.postgres, log)
         text = report(plant, settings, opened, rounds, clip_rows, peak_rss, ceiling, args)
-    print(text)
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
           file=sys.stderr)
-    if not args.no_doc:
-        path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
+    publish(SECTION, text, args)
     return 0
 
 

@@ -31,8 +31,8 @@ from _common import (
     markdown_table,
     median,
     percentile,
+    publish,
     shown_command,
-    update_doc_section,
     usable_cores,
 )
 
@@ -183,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{threads} thread(s): {args.runs} calls of each path…")
             results[threads] = measure(calls, args.runs, args.warmup)
     text = report(results, clip_desc, det, args)
-    print(text)
-    if not args.no_doc:
-        out = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {out}", file=sys.stderr)
+    publish(SECTION, text, args)
     return 0
 
 

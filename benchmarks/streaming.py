@@ -40,8 +40,8 @@ from _common import (
     markdown_table,
     median,
     percentile,
+    publish,
     shown_command,
-    update_doc_section,
     usable_cores,
 )
 
@@ -244,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{percentile(times['onnxruntime'], 99):.2f}",
                     f"{agreement(sides, window):.1e}"])
     text = report(stream_rows, runtime_rows, notes, args)
-    print(text)
-    if not args.no_doc:
-        out = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {out}", file=sys.stderr)
+    publish(SECTION, text, args)
     return 0
 
 

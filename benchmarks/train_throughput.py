@@ -39,8 +39,8 @@ from _common import (
     machine_line,
     markdown_table,
     median,
+    publish,
     shown_command,
-    update_doc_section,
     usable_cores,
 )
 
@@ -654,10 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.close()
     notes = [keras_note, *skipped] if keras_note else skipped
     text = report(results, variants, keras_versions, notes, args)
-    print(text)
-    if not args.no_doc:
-        path = update_doc_section(SECTION, text, args.doc, draft=args.draft)
-        print(f"\nwrote the {SECTION} section of {path}", file=sys.stderr)
+    publish(SECTION, text, args)
     return 0
 
 

@@ -121,7 +121,7 @@ def resample_wave(wave: np.ndarray, from_rate: int, to_rate: int, *,
     if from_rate == to_rate:
         return wave
     for rate in (from_rate, to_rate):
-        _check_rate(source, rate)
+        check_rate_bounds(source, rate)
     channels = int(np.prod(wave.shape[:-1]))
     out_bytes = math.ceil(wave.shape[-1] * to_rate / from_rate) * channels * 4
     if out_bytes > MAX_DECODED_BYTES:
@@ -159,7 +159,8 @@ def _libsndfile_reason(err: Exception) -> str:
     return reason.strip().rstrip(".") or "unknown error"
 
 
-def _check_rate(path: Path | str | None, rate: int) -> None:
+def check_rate_bounds(path: Path | str | None, rate: int) -> None:
+    """AudioError naming ``path`` when ``rate`` is outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise AudioError(f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} "
                          "Hz; the header is corrupt or this is not a sound recording", path)
@@ -167,7 +168,7 @@ def _check_rate(path: Path | str | None, rate: int) -> None:
 
 def _check_header_bounds(path: Path, info) -> None:
     """Reject headers declaring rates, channels or lengths no recording has."""
-    _check_rate(path, int(info.samplerate))
+    check_rate_bounds(path, int(info.samplerate))
     if not 1 <= info.channels <= MAX_CHANNELS:
         raise AudioError(f"header declares {info.channels} channels; at most {MAX_CHANNELS} "
                          "are supported", path)

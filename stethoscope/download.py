@@ -623,15 +623,14 @@ def _move_into_place(source: Path, target: Path) -> Path:
     DownloadError naming it, raised before any file moves."""
     import filecmp
 
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    for path in files:
-        there = target / path.relative_to(source)
+    moves = [(path, target / path.relative_to(source))
+             for path in sorted(source.rglob("*")) if path.is_file()]
+    for path, there in moves:
         if there.exists() and (not there.is_file() or
                                not filecmp.cmp(there, path, shallow=False)):
             raise DownloadError("exists and differs from the archive's file of that name; "
                                 "move it away to download the archive's", there)
-    for path in files:
-        there = target / path.relative_to(source)
+    for path, there in moves:
         if not there.exists():
             there.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, there)

@@ -587,35 +587,34 @@ def _quantile_map(b: GraphBuilder, rows: str, m: dict[str, np.ndarray]) -> str:
     value's knot interval by counting the knots at or below it, then the interpolation,
     the linear tails and 0 for dimensions constant in training."""
     x, z = m["qt_x"], m["qt_z"]
-    q = len(z)
     f64 = np.float64
-    knots = b.const(x, "qt_x", f64)
+    knots, targets = b.const(x, "qt_x", f64), b.const(z, "qt_z", f64)
+    first, last = b.const(x[0][None], "x_first", f64), b.const(x[-1][None], "x_last", f64)
+    zero, one = b.const(f64(0.0), "zero", f64), b.const(f64(1.0), "one", f64)
+    one_int = b.const(np.array([[1]], np.int64), "one", np.int64)
     count = b.op("ReduceSum", b.op("Cast", b.op("LessOrEqual", knots, rows), to=7),
                  b.ints([0], "axes"), keepdims=1)  # (1, D) int64
-    upper = b.op("Min", b.op("Max", count, b.const(np.array([[1]], np.int64), "one", np.int64)),
-                 b.const(np.array([[q - 1]], np.int64), "last", np.int64))
-    lower = b.op("Sub", upper, b.const(np.array([[1]], np.int64), "one", np.int64))
+    upper = b.op("Min", b.op("Max", count, one_int),
+                 b.const(np.array([[len(z) - 1]], np.int64), "last", np.int64))
+    lower = b.op("Sub", upper, one_int)
     x0, x1 = (b.op("GatherElements", knots, k, axis=0) for k in (lower, upper))
-    targets = b.const(z, "qt_z", f64)
     z0, z1 = (b.op("Gather", targets, k, axis=0) for k in (lower, upper))
     gap = b.op("Sub", x1, x0)
-    positive = b.op("Greater", gap, b.const(f64(0.0), "zero", f64))
-    safe = b.op("Where", positive, gap, b.const(f64(1.0), "one", f64))
-    t = b.op("Where", positive, b.op("Div", b.op("Sub", rows, x0), safe),
+    positive = b.op("Greater", gap, zero)
+    safe_gap = b.op("Where", positive, gap, one)
+    t = b.op("Where", positive, b.op("Div", b.op("Sub", rows, x0), safe_gap),
              b.const(f64(0.5), "half", f64))
-    t = b.op("Clip", t, b.const(f64(0.0), "zero", f64), b.const(f64(1.0), "one", f64))
-    mapped = b.op("Add", z0, b.op("Mul", t, b.op("Sub", z1, z0)))
-    first, last = x[0][None], x[-1][None]
+    mapped = b.op("Add", z0, b.op("Mul", b.op("Clip", t, zero, one), b.op("Sub", z1, z0)))
+    slope_low = b.const(m["qt_slo"][None], "slope_low", f64)
+    slope_high = b.const(m["qt_shi"][None], "slope_high", f64)
     below = b.op("Add", b.const(f64(z[0]), "z_first", f64),
-                 b.op("Mul", b.op("Sub", rows, b.const(first, "x_first", f64)),
-                      b.const(m["qt_slo"][None], "slope_low", f64)))
+                 b.op("Mul", b.op("Sub", rows, first), slope_low))
     above = b.op("Add", b.const(f64(z[-1]), "z_last", f64),
-                 b.op("Mul", b.op("Sub", rows, b.const(last, "x_last", f64)),
-                      b.const(m["qt_shi"][None], "slope_high", f64)))
-    mapped = b.op("Where", b.op("Less", rows, b.const(first, "x_first", f64)), below, mapped)
-    mapped = b.op("Where", b.op("Greater", rows, b.const(last, "x_last", f64)), above, mapped)
-    constant = b.const(last <= first, "constant", np.bool_)
-    return b.op("Where", constant, b.const(f64(0.0), "zero", f64), mapped)
+                 b.op("Mul", b.op("Sub", rows, last), slope_high))
+    mapped = b.op("Where", b.op("Less", rows, first), below, mapped)
+    mapped = b.op("Where", b.op("Greater", rows, last), above, mapped)
+    constant = b.const(x[-1][None] <= x[0][None], "constant", np.bool_)
+    return b.op("Where", constant, zero, mapped)
 
 
 def recipe_clip_ensemble(b: GraphBuilder, spec: str, saved: SavedModel,

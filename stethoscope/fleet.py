@@ -283,8 +283,9 @@ def score_machine(job: ScoreJob) -> ScoreResult:
     """Score one machine's recordings with its model (runs in a worker).
 
     The model is read from ``job.model_folder`` or, without one, arrives as its files' bytes
-    and is loaded from a temporary folder (never unpickled). Returns one row per recording; a recording that cannot be scored gets its
-    error in the row, a model that cannot be used makes this machine's error.
+    and is loaded from a temporary folder (never unpickled). Returns one row per recording;
+    a recording that cannot be scored gets its error in the row, a model that cannot be
+    used makes this machine's error.
     """
     pin_threads(job.threads)
     from stethoscope.detector import Detector
@@ -686,21 +687,20 @@ def score_fleet(fleet: Fleet | str | Path, models: str | Path, out: str | Path |
         raise DataError("no machine has recordings to score (test/ recordings, or MIMII "
                         "abnormal clips and held-out normal ones)", fleet.root)
     results: list[ScoreResult] = []
-    with _engine_context(engine, workers, len(machines), address, threads,
-                         shared_files) as eng:
-        jobs = []
-        for m in machines:
-            folder = Path(models) / m.name
-            try:  # shared storage: the worker reads the folder; else its bytes travel
-                files = {} if eng.shares_files else read_model_files(folder)
-                check_model_folder(folder)
-            except StethoscopeError as error:
-                results.append(ScoreResult(m.name, error=str(error)))
-                continue
-            jobs.append(ScoreJob(m.name, files, tuple(map(str, m.test)), m.test_labels,
-                                 device, threads,
-                                 str(folder.absolute()) if eng.shares_files else None))
-        if jobs:
+    ready = []  # (machine, its model folder): checked before any engine starts
+    for m in machines:
+        try:
+            ready.append((m, check_model_folder(Path(models) / m.name)))
+        except StethoscopeError as error:
+            results.append(ScoreResult(m.name, error=str(error)))
+    if ready:
+        with _engine_context(engine, workers, len(ready), address, threads,
+                             shared_files) as eng:
+            # shared storage: the worker reads the folder; else the files' bytes travel
+            jobs = [ScoreJob(m.name, {} if eng.shares_files else read_model_files(folder),
+                             tuple(map(str, m.test)), m.test_labels, device, threads,
+                             str(folder.absolute()) if eng.shares_files else None)
+                    for m, folder in ready]
             results += _run_all(score_machine, jobs, eng,
                                 lambda job, why: ScoreResult(job.machine, error=why),
                                 progress, "fleet score")

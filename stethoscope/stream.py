@@ -312,9 +312,9 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
                               f"{model_rate} Hz (pass --resample, or resample before, e.g. "
                               f"arecord -r {model_rate})", getattr(reader, "source", None))
         if rate != model_rate:
-            from stethoscope.audio import resample_wave
+            from stethoscope.audio import check_rate_bounds
 
-            resample_wave(np.zeros((1, 1), np.float32), rate, model_rate)  # checks the rates
+            check_rate_bounds(getattr(reader, "source", None), rate)  # before any window
         window = window or round(scorer.window_samples * rate / model_rate)
         if round(window * model_rate / rate) < scorer.window_samples:
             raise StreamError(f"a window of {window / rate:.4g} s is shorter than the model's "

@@ -67,3 +67,19 @@ def headless_chromium(profile: Path, window: str):
                               options=options)
     driver.set_page_load_timeout(30)
     return driver
+
+
+def simulated_machine(folder: Path, machine: str, normal: int, abnormal: int, seed: int) -> Path:
+    """A simulated machine's clips in the MIMII layout (``normal/``, ``abnormal/``)."""
+    from stethoscope.simulate import simulate_dataset
+
+    return Path(simulate_dataset(machine, normal, abnormal, folder, seed=seed, progress=False))
+
+
+def default_model(sim: Path, out: Path, clips: int = 12) -> Path:
+    """The default detector trained on the first ``clips`` normal clips of ``sim``, saved
+    to ``out``."""
+    from stethoscope import Detector
+
+    Detector(progress=False).fit(sorted((sim / "normal").glob("*.wav"))[:clips]).save(out)
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, default_model, simulated_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_GUARD = 3 << 30  # address space for "must not allocate gigabytes" runs
@@ -111,20 +111,13 @@ def image_sources(page: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
     """A simulated valve: 14 normal and 6 abnormal clips (MIMII layout)."""
-    from stethoscope.simulate import simulate_dataset
-
-    return Path(simulate_dataset("valve", 14, 6, tmp_path_factory.mktemp("sim"), seed=3,
-                                 progress=False))
+    return simulated_machine(tmp_path_factory.mktemp("sim"), "valve", 14, 6, seed=3)
 
 
 @pytest.fixture(scope="module")
 def model(sim, tmp_path_factory) -> Path:
     """The default detector trained on 12 of the normal clips."""
-    from stethoscope import Detector
-
-    out = tmp_path_factory.mktemp("model") / "model"
-    Detector(progress=False).fit(sorted((sim / "normal").glob("*.wav"))[:12]).save(out)
-    return out
+    return default_model(sim, tmp_path_factory.mktemp("model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import headless_chromium
+from tests.conftest import default_model, headless_chromium, simulated_machine
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts" / "reports"
 
@@ -48,19 +48,12 @@ def assert_all_loaded(images: list[dict], expected: int) -> None:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
-    from stethoscope.simulate import simulate_dataset
-
-    return Path(simulate_dataset("fan", 14, 8, tmp_path_factory.mktemp("sim"), seed=5,
-                                 progress=False))
+    return simulated_machine(tmp_path_factory.mktemp("sim"), "fan", 14, 8, seed=5)
 
 
 @pytest.fixture(scope="module")
 def model(sim, tmp_path_factory) -> Path:
-    from stethoscope import Detector
-
-    out = tmp_path_factory.mktemp("model") / "model"
-    Detector(progress=False).fit(sorted((sim / "normal").glob("*.wav"))[:12]).save(out)
-    return out
+    return default_model(sim, tmp_path_factory.mktemp("model") / "model")
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])

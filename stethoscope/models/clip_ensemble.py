@@ -347,8 +347,8 @@ class ClipGaussianEnsemble(AnomalyModel):
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         channels, rows, columns = self.input_shape
         cells = (channels, rows, 1) if self.time_axis else (channels, rows, columns)
-        vectors = (("spectrum", "peaks", "rhythm")[:3 if self.rhythm else 2] if self.time_axis
-                   else ("cells",))
+        vectors = (("spectrum", "peaks", *(("rhythm",) if self.rhythm else ()))
+                   if self.time_axis else ("cells",))
         allowed = {f"gauss_{v}" for v in vectors} | {f"gmm_{vectors[0]}"}
         members: dict[str, dict[str, np.ndarray]] = {}
         for key, value in state.items():
@@ -360,9 +360,13 @@ class ClipGaussianEnsemble(AnomalyModel):
             elif key not in ("log", "floor", "cell_mean", "cell_std"):
                 raise ModelFileError(f"weights do not fit clip-ensemble: unexpected {key}")
         required = {f"gauss_{v}" for v in vectors}
-        if not required <= set(members) or any(
-                set(p) | set(OPTIONAL_FIELDS[m.split("_")[0]])
-                != set(MEMBER_FIELDS[m.split("_")[0]]) for m, p in members.items()):
+        def complete(member: str, fields: set[str]) -> bool:
+            kind = member.split("_")[0]
+            full = set(MEMBER_FIELDS[kind])
+            return fields in (full, full - set(OPTIONAL_FIELDS[kind]))
+
+        if not required <= set(members) or not all(complete(m, set(p))
+                                                   for m, p in members.items()):
             raise ModelFileError("weights do not fit clip-ensemble: members are incomplete")
         for key in ("cell_mean", "cell_std"):
             if tuple(state[key].shape) != cells:
