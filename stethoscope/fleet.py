@@ -317,16 +317,27 @@ def _one_line(error: BaseException) -> str:
 _pinned: int | None = None
 
 
+# The variables that OpenMP and the BLAS libraries read when they are loaded.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
 def pin_threads(threads: int) -> None:
-    """Use ``threads`` torch threads (which also sets the log-mel worker threads) and BLAS
-    threads in this process. Without it, N worker processes on N cores each start one
-    thread per core and fight over them."""
+    """Use ``threads`` threads in this worker process: torch's (which also sets the log-mel
+    worker threads), and those of OpenMP and the BLAS libraries, both the ones loaded now
+    (``threadpoolctl``) and the ones loaded later (their environment variables, which a
+    library reads when it loads: scikit-learn's and SciPy's own OpenMP and OpenBLAS load at
+    the first mixture fit, after this call). Without it N worker processes on N cores each
+    start one thread per core and fight over them: measured 3x slower training with 2
+    workers than with 1 on 2 cores (benchmarks/fleet.py, 140 clips a machine). Meant for
+    worker processes: it sets this process's environment."""
     global _pinned
     if _pinned == threads:
         return
     import torch
     from threadpoolctl import threadpool_limits
 
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
     torch.set_num_threads(threads)
     threadpool_limits(threads)
     _pinned = threads
@@ -443,6 +454,23 @@ class LocalEngine:
             self._pool = self._new_pool()
 
 
+# Dask settings for the LocalCluster stethoscope starts (a cluster at an address keeps its
+# own). Its defaults wake every process many times a second to watch event loops, memory
+# and system load, and sample a profile every 10 ms: on a machine whose cores all run jobs
+# that takes CPU from them. Measured on 2 cores (benchmarks/fleet.py, docs/scale.md): the
+# sampling profiler cost 10-25 % of a training pass; the rest below cut an idle 2-worker
+# cluster's CPU from 9 % of a core to 1.4 % and the driver's CPU per training pass by a
+# third. Jobs here run for 0.1-10 s and report their own timings, so nothing is lost.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",     # event-loop health check (20 ms)
+    "distributed.admin.tick.limit": "30s",       # warn of a blocked loop after (3 s)
+    "distributed.admin.system-monitor.interval": "5s",   # for the dashboard (500 ms)
+    "distributed.worker.memory.monitor-interval": "1s",  # spill/pause/kill checks (100 ms)
+    "distributed.scheduler.active-memory-manager.start": False,  # results are small
+}
+
+
 class DaskEngine:
     """Jobs on a Dask cluster: a new ``LocalCluster`` of ``workers`` processes (one thread
     each), or the scheduler at ``address``.
@@ -481,11 +509,8 @@ class DaskEngine:
                 # keep-freed-memory setting (measured 1.5-1.8x faster training,
                 # stethoscope/runtime.py); the thread variables it sets stay.
                 environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-                # Dask's sampling profiler (a thread per worker, every 10 ms) costs the
-                # compute-bound jobs here 10-25 % of a training pass (measured, 2 workers on
-                # 2 cores); the jobs report their own timings instead.
                 with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
-                                      "distributed.worker.profile.enabled": False}):
+                                      **LOCAL_CLUSTER_CONFIG}):
                     cluster = self._stack.enter_context(LocalCluster(
                         n_workers=self.workers, threads_per_worker=1, processes=True,
                         host="127.0.0.1", dashboard_address=None, silence_logs=40))
@@ -502,16 +527,30 @@ class DaskEngine:
         from dask.distributed import as_completed as dask_completed
 
         batch = uuid.uuid4().hex[:8]
-        futures = {self.client.submit(fn, job, key=f"{fn.__name__}-{job.machine}-{batch}",
-                                      pure=False): job for job in jobs}
-        for future in dask_completed(futures):
-            job = futures[future]
-            try:
-                yield job, future.result()
-            except Exception as error:  # noqa: BLE001 -- KilledWorker, lost connection, ...
-                yield job, error
-            finally:
+        # One graph for all jobs, and results fetched in one request per batch of finished
+        # jobs: submitting and fetching job by job cost the driver CPU that, on a machine
+        # whose cores all run jobs, is taken from them.
+        futures = self.client.map(fn, list(jobs), pure=False,
+                                  key=[f"{fn.__name__}-{job.machine}-{batch}" for job in jobs])
+        job_of = {future.key: job for future, job in zip(futures, jobs, strict=True)}
+        for finished in dask_completed(futures).batches():
+            for future, outcome in zip(finished, self._outcomes(finished), strict=True):
                 future.release()
+                yield job_of[future.key], outcome
+
+    def _outcomes(self, futures: list) -> list:
+        """Each finished future's result, or its exception (a job whose workers kept dying,
+        KilledWorker; a lost connection); one request for the lot when all succeeded."""
+        if all(future.status == "finished" for future in futures):
+            with contextlib.suppress(Exception):  # e.g. a worker lost after it finished
+                return self.client.gather(futures)
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except Exception as error:  # noqa: BLE001 -- becomes this machine's error
+                outcomes.append(error)
+        return outcomes
 
 
 def open_engine(engine: str = "local", workers: int | None = None, *, jobs: int | None = None,
