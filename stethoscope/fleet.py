@@ -530,11 +530,11 @@ class DaskEngine:
         job (e.g. its workers kept dying)."""
         from dask.distributed import as_completed as dask_completed
 
-        batch = uuid.uuid4().hex[:8]
+        jobs, batch = list(jobs), uuid.uuid4().hex[:8]
         # One graph for all jobs, and results fetched in one request per batch of finished
         # jobs: submitting and fetching job by job cost the driver CPU that, on a machine
         # whose cores all run jobs, is taken from them.
-        futures = self.client.map(fn, list(jobs), pure=False,
+        futures = self.client.map(fn, jobs, pure=False,
                                   key=[f"{fn.__name__}-{job.machine}-{batch}" for job in jobs])
         job_of = {future.key: job for future, job in zip(futures, jobs, strict=True)}
         for finished in dask_completed(futures).batches():
