@@ -316,7 +316,8 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
 
             check_rate_bounds(getattr(reader, "source", None), rate)  # before any window
         window = window or round(scorer.window_samples * rate / model_rate)
-        if round(window * model_rate / rate) < scorer.window_samples:
+        model_window = round(window * model_rate / rate)  # a window's samples at the model's rate
+        if model_window < scorer.window_samples:
             raise StreamError(f"a window of {window / rate:.4g} s is shorter than the model's "
                               f"{scorer.window_samples / model_rate:.4g} s")
     if window is None:
@@ -324,7 +325,7 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
     hop = hop or window
     source = getattr(reader, "source", SOURCE_NAME)
     if scorer is not None:
-        warm_up(scorer, window, reader.format.channels)
+        warm_up(scorer, model_window, reader.format.channels)
     for index, (start, wave) in enumerate(iter_windows(reader, window, hop)):
         offset = start / rate
         line: dict = {"window": index, "start_s": round(offset, 6),
@@ -332,8 +333,8 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
         if scorer is not None:
             began = time.perf_counter()
             try:
-                result = scorer.score_waveform(_at_model_rate(wave, rate, model_rate, window,
-                                                              scorer.window_samples),
+                result = scorer.score_waveform(_at_model_rate(wave, rate, model_rate,
+                                                              model_window),
                                                model_rate, source=source)
             except StethoscopeError as err:
                 result = {"score": None, "anomalous": None, "error": str(err), "windows": []}
@@ -355,16 +356,14 @@ def score_stream(reader, scorer, *, window: int | None = None, hop: int | None =
               "ignored)", log)
 
 
-def _at_model_rate(wave: np.ndarray, rate: int, model_rate: int, window: int,
-                   model_window: int) -> np.ndarray:
+def _at_model_rate(wave: np.ndarray, rate: int, model_rate: int, length: int) -> np.ndarray:
     """A window ``(C, window)`` of the stream at the model's rate: resampled, then cut or
-    zero-padded to the length its duration has there (at least the model's window)."""
+    zero-padded to ``length``, the samples its duration has there."""
     if rate == model_rate:
         return wave
     from stethoscope.audio import resample_wave
 
     converted = resample_wave(wave, rate, model_rate)
-    length = max(round(window * model_rate / rate), model_window)
     if converted.shape[1] < length:
         converted = np.pad(converted, ((0, 0), (0, length - converted.shape[1])))
     return np.ascontiguousarray(converted[:, :length])
@@ -379,8 +378,9 @@ def _note(text: str, log: TextIO | None = None) -> None:
 
 
 def warm_up(scorer, window: int, channels: int) -> None:
-    """Score one window of faint seeded noise, so that the first real window does not pay
-    for one-time set-up (thread pools, buffers, onnxruntime's first run: 25-150 ms)."""
+    """Score one window (``window`` samples at the model's rate) of faint seeded noise, so
+    that the first real window does not pay for one-time set-up (thread pools, buffers,
+    onnxruntime's first run: 25-150 ms)."""
     noise = np.random.default_rng(0).standard_normal((channels, window)).astype(np.float32)
     try:
         scorer.score_waveform(noise * np.float32(1e-3), scorer.sample_rate, source="warm-up")
