@@ -12,9 +12,10 @@ default model's mixture member, as a DCASE machine with its ~1,000 clips has) an
 scored. Smaller machines make jobs of 0.1 s, whose fixed per-job cost weighs more.
 
 Every configuration gets its engine opened once and warmed up (workers started, torch
-imported), so that rounds time the work; start-up is reported apart. Rounds alternate the
-configurations (local 1, local 2, dask 1, dask 2, local 1, ...), the figure is the median
-round, and the speed-up is 1 worker's median time over 2 workers'. Each worker runs one job
+imported), so that rounds time the work; start-up is reported apart. Rounds run every
+configuration once, forward and backward in turn (local 1, local 2, dask 1, dask 2, then dask
+2, dask 1, local 2, local 1), and the speed-up is the median over rounds of 1 worker's time
+over 2 workers' in the same round. Each worker runs one job
 at a time with one torch and one BLAS thread (``stethoscope.fleet.pin_threads``).
 """
 
@@ -104,8 +105,55 @@ def open_configs(names: list[str], plant: fleet.Fleet, settings: dict, log
     return opened
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The configurations in round ``r``: forward in even rounds, backward in odd ones (an
+    ABBA design), so that a machine whose speed drifts during the run favours the 1- and the
+    2-worker passes alike."""
+    return list(names) if r % 2 == 0 else list(reversed(names))
+
+
+def stolen_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU jiffies of all cores since boot from ``/proc/stat``: time the host
+    of this VM gave to others. None where there is no such file."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields[:8]]
+    return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
+
+
+def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """The share of the cores' time the host stole between two :func:`stolen_jiffies`."""
+    if before is None or after is None or after[1] <= before[1]:
+        return 0.0
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def paired_speedups(one: list[dict], two: list[dict], phase: str) -> list[float]:
+    """Per round, the 1-worker pass's time over the 2-worker pass's of the same round: each
+    ratio compares passes run seconds apart, not the medians of passes that the VM's drift
+    may have run at different speeds."""
+    return [a[phase] / b[phase] for a, b in zip(one, two, strict=True)]
+
+
+def warm_up_passes(opened: dict, plant: fleet.Fleet, models: Path, settings: dict,
+                   rounds: int, log) -> None:
+    """Whole training and scoring passes on every engine that are not timed. The first pass
+    of a run took up to 4x a later one (local 1: 42.9 s against a median of 10.3 s), most
+    likely the plant's gigabyte of WAVs coming back from disk: this VM keeps only about
+    1.4 GB in its page cache."""
+    for r in range(rounds):
+        for name, (engine, _) in opened.items():
+            done = fleet_round(engine, plant, models / name.replace(" ", "-"), settings)
+            log(f"warm-up pass {r + 1}/{rounds} {name} (not counted): train "
+                f"{done['train']:.2f} s, score {done['score']:.2f} s")
+
+
 def fleet_round(engine, plant: fleet.Fleet, models: Path, settings: dict) -> dict[str, float]:
-    """One training and one scoring pass over the whole plant; seconds of each."""
+    """One training and one scoring pass over the whole plant; seconds of each, and the share
+    of the cores the host stole meanwhile."""
+    steal_before = stolen_jiffies()
     start = time.perf_counter()
     results = fleet.train_fleet(plant, models, settings=settings, engine=engine, force=True,
                                 progress=False)
@@ -118,7 +166,8 @@ def fleet_round(engine, plant: fleet.Fleet, models: Path, settings: dict) -> dic
     score_s = time.perf_counter() - start
     if any(r["error"] for r in rows):
         raise SystemExit(f"scoring failed: {next(r['error'] for r in rows if r['error'])}")
-    return {"train": train_s, "score": score_s}
+    return {"train": train_s, "score": score_s,
+            "stolen": stolen_share(steal_before, stolen_jiffies())}
 
 
 def _kernel(iterations: int) -> float:
@@ -338,20 +387,23 @@ def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_
         for phase, clips in (("train", n_train + n_held), ("score", n_test)):
             seconds = median([r[phase] for r in rounds[name]])
             spread = (min(r[phase] for r in rounds[name]), max(r[phase] for r in rounds[name]))
-            speedup = best = efficiency = verdict = ""
+            paired = of_medians = efficiency = verdict = ""
             if one is not None and not name.endswith(" 1"):
-                t1 = median([r[phase] for r in one])
                 workers = int(name.rsplit(" ", 1)[1])
-                speedup = f"{t1 / seconds:.2f}×"
-                best = f"{min(r[phase] for r in one) / spread[0]:.2f}×"
-                efficiency = f"{t1 / seconds / workers:.0%}"
-                verdict = f"≥ {TARGET_SPEEDUP}× {'✓' if t1 / seconds >= TARGET_SPEEDUP else '✗'}"
+                ratios = paired_speedups(one, rounds[name], phase)
+                speedup = median(ratios)
+                paired = f"{speedup:.2f}× ({min(ratios):.2f}-{max(ratios):.2f})"
+                of_medians = f"{median([r[phase] for r in one]) / seconds:.2f}×"
+                efficiency = f"{speedup / workers:.0%}"
+                verdict = f"≥ {TARGET_SPEEDUP}× {'✓' if speedup >= TARGET_SPEEDUP else '✗'}"
+            stolen = max(r["stolen"] for r in rounds[name])
             rows.append([name, phase, f"{seconds:.2f} ({spread[0]:.2f}-{spread[1]:.2f})",
-                         f"{clips / seconds:.1f}", speedup, best, efficiency, verdict,
-                         f"{opened[name][1]:.1f}" if phase == "train" else ""])
+                         f"{clips / seconds:.1f}", paired, of_medians, efficiency, verdict,
+                         f"{stolen:.0%}", f"{opened[name][1]:.1f}" if phase == "train" else ""])
     table = markdown_table(["engine, workers", "work", "wall s (min-max)", "clips/s",
-                            "speed-up vs 1 worker (medians)", "(best rounds)", "efficiency",
-                            "target", "start-up s"], rows)
+                            "speed-up vs 1 worker (median of rounds, min-max)",
+                            "(ratio of medians)", "efficiency", "target",
+                            "most stolen by host", "start-up s"], rows)
     clip_table = markdown_table(["step, one 10 s recording, 1 thread", "ms (or size)"],
                                 clip_rows)
     from stethoscope.detector import DEFAULT_MODEL
@@ -370,8 +422,15 @@ def report(plant: fleet.Fleet, settings: dict, opened: dict, rounds: dict, clip_
         f"{model}{', ' + str(settings['epochs']) + ' epochs' if settings.get('epochs') else ''}."
         f" Training clips/s counts the {n_train} training clips and the {n_held} held-out "
         f"normal clips each job scores for its false-alarm rate; scoring counts the {n_test} "
-        f"test clips. Median of {args.rounds} alternating rounds; engines opened and warmed "
-        "first (start-up column: opening plus one warm-up job per worker). Peak RSS of one "
+        f"test clips. {args.rounds} rounds, each running every configuration once, in turn "
+        f"forward and backward (ABBA), after {args.warmup_rounds} untimed pass(es) of every "
+        "configuration; engines opened and warmed first (start-up column: opening plus one "
+        "warm-up job per worker). The speed-up is the median over rounds of "
+        "the 1-worker pass's time over the 2-worker pass's in the same round, so that the "
+        "VM's drifting speed (the same pass has taken up to 1.5× as long in one round as in "
+        "another) cancels; the ratio of the medians is beside it. 'Most stolen by host' is "
+        "the largest share of the cores' time the VM's host took during one of the "
+        "configuration's passes (/proc/stat). Peak RSS of one "
         f"worker process: {peak_rss:.0f} MB. Load average (1 min) at the start "
         f"{start_load:.1f}, at the end {load[0]:.1f}, on {usable_cores()} cores: anything above "
         "the workers' own 1-2 is other work on the machine, which slows the 1- and 2-worker "
@@ -407,6 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="abnormal clips per machine (default 50)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="untimed passes on every engine before the rounds (default 1)")
     parser.add_argument("--engines", default="local,dask", help="local and/or dask")
     parser.add_argument("--model", default=None, help="model (default: the default model)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of trained models")
@@ -424,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.machines, args.rounds, args.clip_repeats = min(args.machines, 4), 1, 10
+        args.warmup_rounds = 0
         args.normal, args.abnormal = min(args.normal, 20), min(args.abnormal, 5)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     return args
@@ -444,13 +506,17 @@ def main(argv: list[str] | None = None) -> int:
         opened = open_configs(names, plant, settings, log)
         rounds: dict[str, list[dict]] = {name: [] for name in names}
         try:
+            warm_up_passes(opened, plant, Path(tmp) / "models", settings, args.warmup_rounds,
+                           log)
             for r in range(args.rounds):
-                for name, (engine, _) in opened.items():
+                for name in round_order(names, r):
+                    engine = opened[name][0]
                     rounds[name].append(fleet_round(engine, plant, Path(tmp) / "models" /
                                                     name.replace(" ", "-"), settings))
-                    log(f"round {r + 1}/{args.rounds} {name}: train "
-                        f"{rounds[name][-1]['train']:.2f} s, score "
-                        f"{rounds[name][-1]['score']:.2f} s")
+                    done = rounds[name][-1]
+                    log(f"round {r + 1}/{args.rounds} {name}: train {done['train']:.2f} s, "
+                        f"score {done['score']:.2f} s (CPU stolen by the host: "
+                        f"{done['stolen']:.0%})")
             peak_rss = descendant_peak_rss_mb()
             ceiling = machine_ceiling()
             log(f"machine ceiling: 2 processes at {ceiling[1]:.2f}x one")
