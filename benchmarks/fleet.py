@@ -140,9 +140,8 @@ def paired_speedups(one: list[dict], two: list[dict], phase: str) -> list[float]
 def warm_up_passes(opened: dict, plant: fleet.Fleet, models: Path, settings: dict,
                    rounds: int, log) -> None:
     """Whole training and scoring passes on every engine that are not timed. The first pass
-    of a run took up to 4x a later one (local 1: 42.9 s against a median of 10.3 s), most
-    likely the plant's gigabyte of WAVs coming back from disk: this VM keeps only about
-    1.4 GB in its page cache."""
+    of a run took up to 4x a later one (local 1: 42.9 s against a median of 10.3 s); the
+    cause was not found (the WAVs were in the page cache)."""
     for r in range(rounds):
         for name, (engine, _) in opened.items():
             done = fleet_round(engine, plant, models / name.replace(" ", "-"), settings)
