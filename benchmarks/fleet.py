@@ -137,6 +137,11 @@ def paired_speedups(one: list[dict], two: list[dict], phase: str) -> list[float]
     return [a[phase] / b[phase] for a, b in zip(one, two, strict=True)]
 
 
+def models_folder(models: Path, name: str) -> Path:
+    """Where configuration ``name`` ("dask 2") writes its machines' models under ``models``."""
+    return models / name.replace(" ", "-")
+
+
 def warm_up_passes(opened: dict, plant: fleet.Fleet, models: Path, settings: dict,
                    rounds: int, log) -> None:
     """Whole training and scoring passes on every engine that are not timed. The first pass
@@ -144,7 +149,7 @@ def warm_up_passes(opened: dict, plant: fleet.Fleet, models: Path, settings: dic
     cause was not found (the WAVs were in the page cache)."""
     for r in range(rounds):
         for name, (engine, _) in opened.items():
-            done = fleet_round(engine, plant, models / name.replace(" ", "-"), settings)
+            done = fleet_round(engine, plant, models_folder(models, name), settings)
             log(f"warm-up pass {r + 1}/{rounds} {name} (not counted): train "
                 f"{done['train']:.2f} s, score {done['score']:.2f} s")
 
@@ -510,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for name in round_order(names, r):
                     engine = opened[name][0]
-                    rounds[name].append(fleet_round(engine, plant, Path(tmp) / "models" /
-                                                    name.replace(" ", "-"), settings))
+                    rounds[name].append(fleet_round(
+                        engine, plant, models_folder(Path(tmp) / "models", name), settings))
                     done = rounds[name][-1]
                     log(f"round {r + 1}/{args.rounds} {name}: train {done['train']:.2f} s, "
                         f"score {done['score']:.2f} s (CPU stolen by the host: "
@@ -522,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for engine, _ in opened.values():
                 engine.__exit__(None, None, None)
-        clip_rows = per_clip_costs(plant, Path(tmp) / "models" / names[0].replace(" ", "-"),
+        clip_rows = per_clip_costs(plant, models_folder(Path(tmp) / "models", names[0]),
                                    args.clip_repeats, args.postgres, log)
         text = report(plant, settings, opened, rounds, clip_rows, peak_rss, ceiling, args)
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",

@@ -504,17 +504,19 @@ def bench_model(name: str, variants: list[str], worker: KerasWorker | None, args
 # ----------------------------------------------------------------------------- report
 
 
-def default_variant(name: str) -> str:
-    """The variant ``stethoscope train`` runs model ``name`` with when given no options:
-    ``TrainConfig``'s memory format and the model's registered precision, resolved on this
-    CPU (``"auto"`` is bf16 where the CPU has native bf16)."""
+def default_variant(name: str) -> str | None:
+    """The uncompiled variant with the memory format and precision ``stethoscope train``
+    runs model ``name`` with when given no options (the Detector's own training settings,
+    its precision resolved on this CPU: ``"auto"`` is bf16 where the CPU has native bf16),
+    or None when no variant matches."""
     from stethoscope.compute import resolve_precision
+    from stethoscope.detector import Detector
 
-    precision = registry.info(name).training.get("precision", "fp32")
-    bf16 = resolve_precision(precision, torch.device("cpu")) is not None
-    channels_last = training.TrainConfig().channels_last
-    return {(True, True): "cl-bf16", (True, False): "cl", (False, False): "eager"}.get(
-        (channels_last, bf16), "cl-bf16")
+    config = Detector(model=name)._train_config(registry.info(name))
+    precision = "fp32" if resolve_precision(config.precision, torch.device("cpu")) is None \
+        else "bf16"
+    return next((key for key, v in VARIANTS.items() if not v.compile and
+                 (v.channels_last, v.precision) == (config.channels_last, precision)), None)
 
 
 def table(results: list[ModelResult], variants: list[str], phase: str) -> str:
@@ -573,9 +575,9 @@ def report(results: list[ModelResult], variants: list[str], keras_versions: dict
         f"architecture, batch size, loss and optimizer in {keras_desc} with as many threads. Each cell is the median of {args.repeats} rounds after "
         f"{args.warmup} warm-up round(s), every side run once per round in turn; the ratio in "
         "brackets is against Keras in the same run. 'By default' is the variant "
-        "`stethoscope train` runs with no options: channels_last and the model's registered "
-        "precision (`auto`, bf16 on a CPU with native bf16, for seed-conv-ae; fp32 for the "
-        "others).",
+        "`stethoscope train` runs with no options (the Detector's memory format and the "
+        "model's registered precision, `auto` resolving to bf16 on a CPU with native bf16), "
+        "named in each cell.",
         "",
         "### Training (samples/s)",
         "",
